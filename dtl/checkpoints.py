@@ -1,0 +1,150 @@
+"""Atomic training checkpoints (accelerate state + our JSON train state) and safetensors exports.
+
+A checkpoint is written by `accelerator.save_state` into `checkpoints/.tmp-NAME`, completed with
+`train_state.json`, and only then renamed to `checkpoints/NAME`: a rename is atomic, so a run
+killed mid-write leaves a `.tmp-` folder that is never picked up (and is removed on the next
+start). Model weights go through safetensors and the rest through `torch.load(weights_only=True)`
+(accelerate's default); our own state is JSON, so nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+STATE_FILE = "train_state.json"
+_NAME = re.compile(r"^ckpt-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or exported model does not belong to this run's model."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved with every checkpoint."""
+    epoch: int = 0                 # epoch being trained (or next one, when batch_in_epoch == 0)
+    batch_in_epoch: int = 0        # batches of `epoch` already consumed
+    step: int = 0                  # optimizer steps so far
+    stage: int = -1                # stage index applied to the model
+    best_metric: float = -1.0
+    best_epoch: int = -1
+    wandb_run_id: Optional[str] = None
+    identity: dict = field(default_factory=dict)   # backbone, classes, groups: checked on resume
+    scheduler: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainState":
+        return cls(**json.loads(text))
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def remove_partial(root: str | Path) -> None:
+    """Delete `.tmp-` folders left by a run killed while writing."""
+    root = Path(root)
+    if root.is_dir():
+        for p in root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, root: str | Path, state: TrainState, keep: int) -> Path:
+    """Every rank calls this; the main process renames the finished folder and prunes old ones."""
+    root = Path(root)
+    final = root / f"ckpt-{state.step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(tmp / STATE_FILE, "w") as f:
+            f.write(state.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_train_state(path: str | Path) -> TrainState:
+    path = Path(path)
+    try:
+        return TrainState.from_json((path / STATE_FILE).read_text())
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a dtl checkpoint ({e})") from None
+
+
+def check_identity(saved: dict, current: dict, source: str) -> None:
+    """Refuse a checkpoint from another model, class list or grouping, naming what differs."""
+    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current[k]!r}"
+             for k in current if saved.get(k) != current[k]]
+    if diffs:
+        raise CheckpointError(f"{source} belongs to another model or dataset:\n  " + "\n  ".join(diffs))
+
+
+def export_model(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> None:
+    """Weights as safetensors with everything prediction needs (arch, classes, preprocessing)."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"dtl": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def read_export_meta(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    if "dtl" not in meta:
+        raise CheckpointError(f"{path}: no dtl metadata (was it written by dtl?)")
+    return json.loads(meta["dtl"])
+
+
+def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the classifier from an export alone: no training config needed."""
+    from dtl.backbones import create_classifier
+
+    meta = read_export_meta(path)
+    model = create_classifier(meta["backbone"], len(meta["classes"]), pretrained=False)
+    sd = load_file(str(path))
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit {meta['backbone']}: {e}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path}: weights do not fit {meta['backbone']}: missing {result.missing_keys[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]}")
+    return model.eval(), meta

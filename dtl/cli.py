@@ -1,0 +1,97 @@
+"""The `dtl` command: write shards, show a model's layer groups, predict, train."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+
+def _shards(args: argparse.Namespace) -> None:
+    from dtl import shard_writer
+
+    common = dict(val_fraction=args.val, test_fraction=args.test, seed=args.seed, maxcount=args.maxcount)
+    if args.source == "elpv":
+        index = shard_writer.write_elpv(args.out, **common)
+    elif args.source == "imagefolder":
+        index = shard_writer.write_imagefolder(args.input, args.out, **common)
+    else:
+        splits = dict(s.split("=", 1) for s in args.split)
+        index = shard_writer.index_shards(args.out, splits, args.classes.split(","), args.label_field)
+    for name, split in index["splits"].items():
+        print(f"{name}: {split['count']} samples in {len(split['shards'])} shards, per class {split['class_counts']}")
+    print(f"classes: {index['classes']}\nwrote {args.out}/dataset.json")
+
+
+def _groups(args: argparse.Namespace) -> None:
+    from dtl.backbones import create_classifier
+    from dtl.layer_groups import describe_groups, layer_groups
+
+    model = create_classifier(args.model, args.num_classes, pretrained=False)
+    groups = layer_groups(model, "fine" if args.fine else "coarse", args.regex or None)
+    print(f"{args.model}: {len(groups)} layer groups ({'fine' if args.fine else 'coarse'}), input -> head")
+    print(describe_groups(model, groups))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from dtl.predict import predict_files
+
+    for r in predict_files(args.weights, args.images, args.top_k):
+        print(json.dumps(r))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dtl", description="Distributed transfer learning of image classifiers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("shards", help="write WebDataset shards + dataset.json",
+                       description="Write labelled images as WebDataset shards with a dataset.json index.")
+    s_sub = s.add_subparsers(dest="source", required=True)
+    for name, help_text in (("elpv", "the ELPV solar cells (pip package elpv-dataset)"),
+                            ("imagefolder", "an ImageFolder tree: ROOT/CLASS/*.jpg or ROOT/{train,val,test}/CLASS/*.jpg")):
+        q = s_sub.add_parser(name, help=help_text, description=help_text)
+        if name == "imagefolder":
+            q.add_argument("input", help="image folder root")
+        q.add_argument("out", help="output folder for shards and dataset.json")
+        q.add_argument("--val", type=float, default=0.1, help="validation fraction (flat folders)")
+        q.add_argument("--test", type=float, default=0.2, help="test fraction (flat folders)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+        q.add_argument("--maxcount", type=int, default=128, help="samples per shard")
+    q = s_sub.add_parser("index", help="count shards written by another tool and write dataset.json")
+    q.add_argument("out", help="folder that will hold dataset.json (shard paths are relative to it)")
+    q.add_argument("--split", action="append", required=True, help="NAME=PATTERN, e.g. train='train-{0000..0009}.tar'")
+    q.add_argument("--classes", required=True, help="comma-separated class names, in label order")
+    q.add_argument("--label-field", default="cls", help="cls, txt or json.FIELD")
+
+    g = sub.add_parser("groups", help="print a model's layer groups with parameter counts")
+    g.add_argument("model", help="timm name or torchvision/NAME")
+    g.add_argument("--fine", action="store_true", help="fine groups (timm group_matcher coarse=False)")
+    g.add_argument("--regex", action="append", help="group by these regexes instead (repeatable)")
+    g.add_argument("--num-classes", type=int, default=2)
+
+    r = sub.add_parser("predict", help="classify images with an exported model.safetensors")
+    r.add_argument("weights")
+    r.add_argument("images", nargs="+")
+    r.add_argument("--top-k", type=int, default=1)
+
+    sub.add_parser("train", help="same as dtl/train.py (single process unless launched by accelerate)",
+                   add_help=False)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from dtl.train import main as train_main
+        return train_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        {"shards": _shards, "groups": _groups, "predict": _predict}[args.command](args)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+        print(f"dtl: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The fine-tune plan: which layer groups train in which epoch, and at what learning rate.
+
+Freezing is `requires_grad=False` (no gradient, so no optimizer state) plus eval-mode BatchNorm
+in frozen groups, re-applied after every `model.train()` because that call undoes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from dtl.layer_groups import LayerGroup
+from dtl.run_config import FinetuneConfig, StageConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    epoch: int
+    first_group: int  # groups [first_group, n_groups) train
+    lr_mult: float
+
+
+class FinetunePlan:
+    """Stages resolved against a concrete number of layer groups."""
+
+    def __init__(self, cfg: FinetuneConfig, groups: list[LayerGroup], head_lr: float):
+        self.cfg, self.groups = cfg, groups
+        n = len(groups)
+        self.stages = [Stage(i, s.epoch, self._first_group(s, n), s.lr_mult) for i, s in enumerate(cfg.stages)]
+        self.group_lrs = self._group_lrs(cfg, n, head_lr)
+
+    @staticmethod
+    def _first_group(stage: StageConfig, n: int) -> int:
+        return 0 if stage.train == "all" else max(0, n - int(stage.train))
+
+    @staticmethod
+    def _group_lrs(cfg: FinetuneConfig, n: int, head_lr: float) -> list[float]:
+        if cfg.group_lrs is not None:
+            if len(cfg.group_lrs) != n:
+                raise ValueError(f"finetune.group_lrs has {len(cfg.group_lrs)} values, the model has {n} "
+                                 f"layer groups (see `dtl groups MODEL`)")
+            return list(cfg.group_lrs)
+        if cfg.lr_range is not None:
+            low, high = cfg.lr_range
+            return [low * (high / low) ** (g / max(1, n - 1)) for g in range(n)]
+        return [head_lr * cfg.decay ** (n - 1 - g) for g in range(n)]
+
+    def stage_at(self, epoch: int) -> Stage:
+        return [s for s in self.stages if s.epoch <= epoch][-1]
+
+    def trainable(self, stage: Stage) -> list[bool]:
+        return [g.index >= stage.first_group for g in self.groups]
+
+    def join_epoch(self, group: int) -> int:
+        """First epoch in which `group` trains (a large number if never)."""
+        for s in self.stages:
+            if group >= s.first_group:
+                return s.epoch
+        return 1 << 30
+
+    def describe(self) -> str:
+        n = len(self.groups)
+        lines = [f"fine-tune plan: {n} layer groups, {len(self.stages)} stages"]
+        for s in self.stages:
+            names = [g.name for g in self.groups[s.first_group:]]
+            shown = names if len(names) <= 4 else [names[0], "...", *names[-2:]]
+            lines.append(f"  stage {s.index}: from epoch {s.epoch}, train {n - s.first_group}/{n} groups "
+                         f"({', '.join(shown)}), lr x{s.lr_mult:g}")
+        lines.append("  group lr: " + ", ".join(f"{g.name}={lr:.2e}" for g, lr in zip(self.groups, self.group_lrs)))
+        return "\n".join(lines)
+
+
+def set_trainable(model: nn.Module, groups: list[LayerGroup], trainable: list[bool]) -> int:
+    """Set requires_grad group by group; returns the number of trainable parameters."""
+    params = dict(model.named_parameters())
+    count = 0
+    for g, on in zip(groups, trainable):
+        for name in g.params:
+            params[name].requires_grad_(on)
+            count += params[name].numel() if on else 0
+    return count
+
+
+def freeze_batchnorm(model: nn.Module, groups: list[LayerGroup], trainable: list[bool]) -> None:
+    """Put BatchNorm layers of frozen groups in eval mode (running statistics stay as pretrained)."""
+    group_of = {name: g.index for g in groups for name in g.params}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            own = [f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters(recurse=False)]
+            gid: Optional[int] = next((group_of[p] for p in own if p in group_of), None)
+            if gid is not None and not trainable[gid]:
+                module.eval()

@@ -1,0 +1,46 @@
+"""Stop cleanly on SIGUSR1/SIGTERM (Slurm preemption, time limit) and requeue under Slurm.
+
+The handler only sets a flag; the training loop checks it after each optimizer step, writes a
+checkpoint and leaves. Ranks agree on the flag with one all-reduce, so they all stop at the same
+step even when the signal reaches them at different moments.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import torch
+
+
+class PreemptionHandler:
+    def __init__(self, accelerator, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+        self.accelerator = accelerator
+        self.received: int | None = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signum
+        print(f"dtl: received {signal.Signals(signum).name}; stopping after this step", file=sys.stderr, flush=True)
+
+    def should_stop(self) -> bool:
+        flag = self.received is not None
+        if self.accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor(int(flag), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, "max"))
+
+    def requeue(self) -> None:
+        """Under Slurm, put the job back in the queue; it resumes from the checkpoint on restart."""
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") and (
+            f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}".rstrip("_"))
+        job = job or os.environ.get("SLURM_JOB_ID")
+        if not job or not self.accelerator.is_main_process or os.environ.get("DTL_NO_REQUEUE"):
+            return
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        msg = "requeued" if result.returncode == 0 else f"requeue failed: {result.stderr.strip()}"
+        print(f"dtl: job {job} {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,357 @@
+"""Stream labelled images from WebDataset shards, split exactly across ranks and workers.
+
+How an epoch is cut (the contract in DESIGN.md):
+  1. The shard order is shuffled with a seed made of (seed, epoch); every rank computes the same.
+  2. With per-shard sample counts (from dataset.json), the samples of that order are numbered
+     0..N-1 and every (rank, worker) slot reads one contiguous range of them. Training gives each
+     slot exactly N // slots samples (the last N % slots of the order are dropped: fewer than
+     ranks x workers samples, different ones each epoch), so every rank takes the same number of
+     batches and no all-reduce waits forever. Evaluation gives slots ranges that differ by at
+     most one sample, so every sample is evaluated exactly once.
+  3. Without counts, shards are dealt round-robin to slots as webdataset's split_by_node +
+     split_by_worker would, and each slot reads its shards in a loop until it has N // slots
+     samples (N stated in the config); with fewer shards than slots each slot reads every shard
+     and keeps every slots-th sample instead (slower, still exactly once).
+  4. A shuffle buffer seeded by (seed, epoch, slot) mixes each slot's samples; a resumed run skips
+     the samples its slot already delivered, so it sees the same ids as an uninterrupted run.
+
+Reading tar members and opening local, `pipe:` and URL shards is webdataset's job
+(`tarfile_to_samples`, `gopen`); bad samples follow `on_error`: 'error' stops naming shard and
+key, 'skip' logs each one to `bad_samples.jsonl` and stops once `max_errors` is exceeded.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Callable, Iterator, Optional
+
+import braceexpand
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
+
+
+class DataError(RuntimeError):
+    """A shard or sample cannot be used; the message names the shard and the key."""
+
+
+@dataclass
+class SplitSource:
+    """Where one split lives: shard URLs with their sample counts (None when unknown)."""
+    name: str
+    urls: list[str]
+    counts: Optional[list[int]]
+    total: int
+    class_counts: Optional[list[int]] = None
+
+
+def _join(base: str, name: str) -> str:
+    if "://" in name or name.startswith(("/", "pipe:")):
+        return name
+    return f"{base.rstrip('/')}/{name}" if "://" in base else os.path.join(base, name)
+
+
+def expand_shards(spec: str, base: str = "") -> list[str]:
+    """Brace notation and (local) globs -> a sorted list of shard URLs."""
+    urls: list[str] = []
+    for item in braceexpand.braceexpand(spec):
+        item = _join(base, item) if base else item
+        if "://" not in item and not item.startswith("pipe:") and any(c in item for c in "*?["):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise DataError(f"no shard matches {item!r}")
+            urls.extend(matches)
+        else:
+            urls.append(item)
+    return urls
+
+
+def read_index(root: str) -> Optional[dict]:
+    """dataset.json under `root` (a folder or URL prefix), or None if there is none."""
+    path = _join(root, "dataset.json")
+    if "://" not in path:
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+    try:
+        with wds.gopen(path) as f:
+            return json.load(f)
+    except Exception:
+        return None
+
+
+def split_source(root: str, split: str, index: Optional[dict], patterns: dict[str, str],
+                 samples: dict[str, int]) -> SplitSource:
+    """Resolve a split from dataset.json, or from a shard pattern plus a stated sample count."""
+    if split in patterns:
+        urls = expand_shards(patterns[split], base=root)
+        if split not in samples:
+            raise DataError(f"data.shards.{split} is set but data.samples.{split} is not: "
+                            f"state the number of samples in the split (or write a dataset.json)")
+        return SplitSource(split, urls, None, samples[split])
+    if index is None:
+        raise DataError(f"{_join(root, 'dataset.json')} not found and data.shards.{split} not set")
+    if split not in index.get("splits", {}):
+        raise DataError(f"{_join(root, 'dataset.json')}: no split {split!r}; "
+                        f"it has {sorted(index.get('splits', {}))}")
+    entry = index["splits"][split]
+    urls = [_join(root, s["name"]) for s in entry["shards"]]
+    counts = [int(s["count"]) for s in entry["shards"]]
+    return SplitSource(split, urls, counts, sum(counts), entry.get("class_counts"))
+
+
+def iter_tar_samples(url: str) -> Iterator[dict]:
+    """Samples of one shard as webdataset groups them (fields by `__key__`)."""
+    stream = wds.tarfile_to_samples(handler=wds.reraise_exception)
+    yield from stream(iter([{"url": url}]))
+
+
+def read_label(sample: dict, label_field: str, num_classes: int, classes: Optional[list[str]] = None) -> int:
+    """Class index from `cls`, `txt` or `json.FIELD`; names are looked up in `classes`."""
+    name, _, sub = label_field.partition(".")
+    raw = sample.get(name)
+    if raw is None:
+        raise ValueError(f"missing label field {name!r} (fields: {sorted(k for k in sample if not k.startswith('__'))})")
+    if name == "json":
+        value: Any = json.loads(raw)
+        for part in sub.split(".") if sub else []:
+            if not isinstance(value, dict) or part not in value:
+                raise ValueError(f"json has no field {sub!r}")
+            value = value[part]
+    else:
+        value = raw.decode("utf-8").strip() if isinstance(raw, bytes) else raw
+    if isinstance(value, str) and not value.lstrip("-").isdigit():
+        if classes and value in classes:
+            return classes.index(value)
+        raise ValueError(f"label {value!r} is neither an integer nor a class name")
+    label = int(value)
+    if not 0 <= label < num_classes:
+        raise ValueError(f"label {label} outside the {num_classes} classes")
+    return label
+
+
+def decode_image(sample: dict, draft_size: Optional[int] = None) -> Image.Image:
+    """The image field as RGB. JPEGs decode at reduced scale (PIL draft) when the target is small."""
+    for name in IMAGE_FIELDS:
+        if name in sample:
+            break
+    else:
+        raise ValueError(f"no image field (expected one of {IMAGE_FIELDS}; fields: "
+                         f"{sorted(k for k in sample if not k.startswith('__'))})")
+    img = Image.open(io.BytesIO(sample[name]))
+    if draft_size and img.format == "JPEG":
+        img.draft("RGB", (draft_size, draft_size))
+    img.load()
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _shuffled(items: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    buf: list[dict] = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+@dataclass
+class StreamOptions:
+    classes: list[str]
+    label_field: str = "cls"
+    train: bool = False
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    on_error: str = "error"
+    max_errors: int = 10
+    draft_size: Optional[int] = None
+    error_log: Optional[str] = None
+
+
+class ShardStream(IterableDataset):
+    """One split's samples as (image tensor, label, key) for this rank's DataLoader workers."""
+
+    def __init__(self, source: SplitSource, transform: Callable, options: StreamOptions,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0):
+        self.source, self.transform, self.opt = source, transform, options
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.epoch = 0
+        self.skip_per_worker: list[int] = [0] * self.num_workers
+        self.slots = self.world_size * self.num_workers
+        if options.train and source.total // self.slots == 0:
+            raise DataError(f"split {source.name!r} has {source.total} samples, fewer than "
+                            f"ranks x workers = {self.slots}")
+        if source.counts is None and len(source.urls) < self.slots:
+            warnings.warn(f"split {source.name!r}: {len(source.urls)} shards for {self.slots} rank x worker "
+                          f"slots; every slot reads every shard and keeps every {self.slots}-th sample "
+                          f"(exact, but reads the data {self.slots} times). Write more shards.")
+
+    # -- epoch bookkeeping ---------------------------------------------------------------
+    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
+        """Select the epoch; skip the first `skip_batches` batches the loader already delivered."""
+        self.epoch = epoch
+        w = self.num_workers
+        self.skip_per_worker = [math.ceil(max(0, skip_batches - i) / w) * batch_size for i in range(w)]
+
+    def samples_per_slot(self) -> int:
+        return self.source.total // self.slots
+
+    def _shard_order(self) -> list[int]:
+        order = list(range(len(self.source.urls)))
+        if self.opt.train:
+            random.Random(f"shards/{self.opt.seed}/{self.epoch}").shuffle(order)
+        return order
+
+    def _slot(self) -> int:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.num_workers:
+            raise RuntimeError(f"stream built for {self.num_workers} workers, loader has {info.num_workers}")
+        return self.rank * self.num_workers + worker
+
+    # -- raw samples -----------------------------------------------------------------------
+    def _read_shard(self, url: str, expected: Optional[int], start: int = 0) -> Iterator[dict]:
+        n, key = 0, None
+        try:
+            for sample in iter_tar_samples(url):
+                key = sample.get("__key__")
+                if n >= start:
+                    yield sample
+                n += 1
+        except Exception as e:  # tar or transport error: name the shard and where it broke
+            self._bad(url, key, f"unreadable shard after {n} samples ({type(e).__name__}: {e})")
+            return
+        if expected is not None and n < expected:
+            self._bad(url, key, f"shard holds {n} samples, dataset.json says {expected} (truncated?)")
+
+    def _range(self, order: list[int], start: int, stop: int) -> Iterator[dict]:
+        """Samples numbered [start, stop) in the epoch's shard order; numbers past N wrap around."""
+        counts, total = self.source.counts, self.source.total
+        a = (start // total) * total
+        while a < stop:
+            for idx in order:
+                b = a + counts[idx]
+                lo, hi = max(a, start), min(b, stop)
+                if lo < hi:
+                    yield from islice(self._read_shard(self.source.urls[idx], counts[idx], lo - a), hi - lo)
+                a = b
+                if a >= stop:
+                    return
+
+    def _uncounted(self, order: list[int], slot: int) -> Iterator[dict]:
+        urls = [self.source.urls[i] for i in order]
+        if len(urls) >= self.slots:
+            mine = urls[slot::self.slots]
+            while True:  # resample my shards until the caller has enough
+                got = 0
+                for url in mine:
+                    for s in self._read_shard(url, None):
+                        got += 1
+                        yield s
+                if got == 0:
+                    raise DataError(f"shards {mine} hold no samples")
+        else:
+            n = 0
+            for url in urls:
+                for s in self._read_shard(url, None):
+                    if n % self.slots == slot:
+                        yield s
+                    n += 1
+
+    def _raw(self, slot: int) -> tuple[Iterator[dict], Iterator[dict], int]:
+        """(this slot's own samples, samples to fill in for skipped ones, target count)."""
+        order, total = self._shard_order(), self.source.total
+        if self.source.counts is None:
+            per = total // self.slots
+            stream = self._uncounted(order, slot)
+            return islice(stream, per), stream, (per if self.opt.train else 0)
+        if self.opt.train:
+            per = total // self.slots
+            start, stop = slot * per, (slot + 1) * per
+            return self._range(order, start, stop), self._range(order, stop, stop + total), per
+        start, stop = slot * total // self.slots, (slot + 1) * total // self.slots
+        return self._range(order, start, stop), iter(()), 0
+
+    # -- decoding and policy -----------------------------------------------------------------
+    def _bad(self, url: str, key: Optional[str], reason: str) -> None:
+        msg = f"shard {url}, sample {key}: {reason}"
+        if self.opt.on_error == "error":
+            raise DataError(msg + "  (set data.on_error=skip to skip bad samples)")
+        self._errors += 1
+        if self.opt.error_log:
+            with open(self.opt.error_log, "a") as f:
+                f.write(json.dumps({"split": self.source.name, "epoch": self.epoch, "shard": url,
+                                    "key": key, "reason": reason}) + "\n")
+        warnings.warn(f"skipped: {msg}")
+        if self._errors > self.opt.max_errors:
+            raise DataError(f"more than data.max_errors={self.opt.max_errors} bad samples in split "
+                            f"{self.source.name!r} (one worker); last: {msg}")
+
+    def _decode(self, sample: dict) -> Optional[tuple[torch.Tensor, int, str]]:
+        url, key = sample.get("__url__"), sample.get("__key__")
+        try:
+            label = read_label(sample, self.opt.label_field, len(self.opt.classes), self.opt.classes)
+            img = decode_image(sample, self.opt.draft_size)
+        except Exception as e:
+            self._bad(url, key, f"{type(e).__name__}: {e}")
+            return None
+        return self.transform(img), label, key
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
+        self._errors = 0
+        slot = self._slot()
+        own, fill, target = self._raw(slot)
+        if self.opt.train and self.opt.shuffle_buffer > 1:
+            own = _shuffled(own, self.opt.shuffle_buffer, random.Random(f"buf/{self.opt.seed}/{self.epoch}/{slot}"))
+        worker = slot % self.num_workers
+        skip = self.skip_per_worker[worker]
+        produced, filled = skip, 0
+        for sample in islice(own, skip, None):
+            if target and produced >= target:
+                return
+            item = self._decode(sample)
+            if item is not None:
+                produced += 1
+                yield item
+        while produced < target:  # skipped samples are replaced so every rank keeps its step count
+            item = self._decode(next(fill))
+            if item is not None:
+                produced, filled = produced + 1, filled + 1
+                yield item
+        if filled:
+            warnings.warn(f"split {self.source.name!r} slot {slot}: filled {filled} skipped samples "
+                          f"with samples from later in the epoch")
+
+
+def _collate(batch: list[tuple[torch.Tensor, int, str]]) -> dict:
+    images, labels, keys = zip(*batch)
+    return {"image": torch.stack(images), "label": torch.tensor(labels), "key": list(keys)}
+
+
+def make_loader(stream: ShardStream, batch_size: int, num_workers: int) -> DataLoader:
+    """A DataLoader over the stream; training drops each worker's last partial batch."""
+    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                      drop_last=stream.opt.train, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)
+
+
+def batches_per_epoch(stream: ShardStream, batch_size: int) -> int:
+    """Training batches per rank per epoch: the same on every rank by construction."""
+    return stream.num_workers * (stream.samples_per_slot() // batch_size)

@@ -1,0 +1,175 @@
+"""Write labelled images as WebDataset tar shards plus a `dataset.json` index.
+
+Images are stored as their original encoded bytes (no re-encoding, no quality loss). Each
+shard is written to a temporary name and renamed when complete, and `dataset.json` is
+written last: its presence means the whole set of shards is complete.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import webdataset as wds
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+INDEX_NAME = "dataset.json"
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str          # unique within the dataset, no dots (WebDataset splits fields at the first dot)
+    path: Path        # encoded image file
+    label: int
+    meta: Optional[dict] = None
+
+
+def stratified_split(records: list[Record], fractions: dict[str, float], seed: int) -> dict[str, list[Record]]:
+    """Split per class with a seeded shuffle, so every split keeps the class balance."""
+    rest = [name for name, f in fractions.items() if f > 0]
+    out: dict[str, list[Record]] = {"train": [], **{name: [] for name in rest}}
+    by_class: dict[int, list[Record]] = {}
+    for r in records:
+        by_class.setdefault(r.label, []).append(r)
+    rng = random.Random(seed)
+    for label in sorted(by_class):
+        items = sorted(by_class[label], key=lambda r: r.key)
+        rng.shuffle(items)
+        start = 0
+        for name in rest:
+            n = round(len(items) * fractions[name])
+            out[name].extend(items[start:start + n])
+            start += n
+        out["train"].extend(items[start:])
+    for name in out:
+        rng.shuffle(out[name])
+    return out
+
+
+def _write_split(records: list[Record], out_dir: Path, split: str, maxcount: int) -> list[dict]:
+    shards = []
+    for i in range(0, len(records), maxcount):
+        name = f"{split}-{i // maxcount:06d}.tar"
+        tmp = out_dir / f".{name}.tmp"
+        with wds.TarWriter(str(tmp)) as sink:
+            for r in records[i:i + maxcount]:
+                sample = {"__key__": r.key, r.path.suffix.lstrip(".").lower(): r.path.read_bytes(), "cls": r.label}
+                if r.meta:
+                    sample["json"] = r.meta
+                sink.write(sample)
+        os.replace(tmp, out_dir / name)
+        shards.append({"name": name, "count": len(records[i:i + maxcount])})
+    return shards
+
+
+def write_dataset(splits: dict[str, list[Record]], classes: list[str], out_dir: str | Path,
+                  maxcount: int = 128, source: str = "") -> dict:
+    """Write every split as shards and then the index; returns the index."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict = {"format": "dtl-webdataset/1", "source": source, "classes": classes, "splits": {}}
+    for split, records in splits.items():
+        if not records:
+            continue
+        counts = [0] * len(classes)
+        for r in records:
+            counts[r.label] += 1
+        index["splits"][split] = {"shards": _write_split(records, out, split, maxcount),
+                                  "count": len(records), "class_counts": counts}
+    tmp = out / f".{INDEX_NAME}.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, out / INDEX_NAME)
+    return index
+
+
+def _safe_key(text: str) -> str:
+    return text.replace(".", "_").replace("/", "_").replace(" ", "_")
+
+
+def imagefolder_records(root: Path, classes: Optional[list[str]] = None) -> tuple[list[Record], list[str]]:
+    """`root/CLASS/*.jpg` -> records; class indices follow sorted folder names, as torchvision does."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = classes or found
+    if not classes:
+        raise ValueError(f"{root}: no class sub-folders (expected {root}/CLASS/IMAGE.jpg)")
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{root}: folders {unknown} are not among the classes {classes}")
+    records = []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTS and path.is_file():
+                rel = path.relative_to(root).with_suffix("")
+                records.append(Record(_safe_key(str(rel)), path, label))
+    if not records:
+        raise ValueError(f"{root}: no images with extensions {IMAGE_EXTS}")
+    return records, classes
+
+
+def write_imagefolder(root: str | Path, out_dir: str | Path, val_fraction: float = 0.1,
+                      test_fraction: float = 0.2, seed: int = 0, maxcount: int = 128) -> dict:
+    """Convert an ImageFolder tree, either pre-split (`root/train|val|test/CLASS/...`) or flat."""
+    root = Path(root)
+    pre_split = [s for s in ("train", "val", "valid", "validation", "test") if (root / s).is_dir()]
+    if "train" in pre_split:
+        records, classes = imagefolder_records(root / "train")
+        splits = {"train": records}
+        for name in pre_split[1:]:
+            split_records, _ = imagefolder_records(root / name, classes)
+            splits["test" if name == "test" else "val"] = split_records
+    else:
+        records, classes = imagefolder_records(root)
+        splits = stratified_split(records, {"val": val_fraction, "test": test_fraction}, seed)
+    return write_dataset(splits, classes, out_dir, maxcount, source=f"imagefolder:{root}")
+
+
+ELPV_CLASSES = ["functional", "possibly_defective", "likely_defective", "defective"]
+
+
+def elpv_records() -> list[Record]:
+    """The ELPV solar cells from the `elpv-dataset` package; class = defect probability * 3."""
+    try:
+        import elpv_dataset
+    except ImportError as e:
+        raise ImportError("prepare=elpv needs the quickstart extra: pip install -e '.[quickstart]'") from e
+    data_dir = Path(elpv_dataset.__file__).parent / "data"
+    records = []
+    with open(data_dir / "labels.csv") as f:
+        for row in csv.reader(f, delimiter=" ", skipinitialspace=True):
+            path, prob, cell_type = row[0], float(row[1]), row[2]
+            records.append(Record(Path(path).stem, data_dir / path, int(round(prob * 3)),
+                                  {"defect_probability": prob, "type": cell_type}))
+    return records
+
+
+def write_elpv(out_dir: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2,
+               seed: int = 0, maxcount: int = 128) -> dict:
+    splits = stratified_split(elpv_records(), {"val": val_fraction, "test": test_fraction}, seed)
+    return write_dataset(splits, ELPV_CLASSES, out_dir, maxcount, source="elpv-dataset")
+
+
+def index_shards(out_dir: str | Path, split_patterns: dict[str, str], classes: list[str],
+                 label_field: str = "cls") -> dict:
+    """Count the samples of shards written by another tool and write `dataset.json` for them."""
+    from dtl.shard_stream import expand_shards, iter_tar_samples, read_label
+
+    out = Path(out_dir)
+    index: dict = {"format": "dtl-webdataset/1", "source": "indexed", "classes": classes, "splits": {}}
+    for split, pattern in split_patterns.items():
+        shards, counts = [], [0] * len(classes)
+        for url in expand_shards(pattern, base=str(out)):
+            n = 0
+            for sample in iter_tar_samples(url):
+                counts[read_label(sample, label_field, len(classes))] += 1
+                n += 1
+            shards.append({"name": os.path.relpath(url, out) if "://" not in url else url, "count": n})
+        index["splits"][split] = {"shards": shards, "count": sum(s["count"] for s in shards), "class_counts": counts}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=1))
+    return index
