@@ -10,14 +10,15 @@ from typing import Optional
 def _shards(args: argparse.Namespace) -> None:
     from dtl import shard_writer
 
-    common = dict(val_fraction=args.val, test_fraction=args.test, seed=args.seed, maxcount=args.maxcount)
+    if args.source == "index":
+        splits = dict(s.split("=", 1) for s in args.split)
+        index = shard_writer.index_shards(args.out, splits, args.classes.split(","), args.label_field)
+    else:
+        common = dict(val_fraction=args.val, test_fraction=args.test, seed=args.seed, maxcount=args.maxcount)
     if args.source == "elpv":
         index = shard_writer.write_elpv(args.out, **common)
     elif args.source == "imagefolder":
         index = shard_writer.write_imagefolder(args.input, args.out, **common)
-    else:
-        splits = dict(s.split("=", 1) for s in args.split)
-        index = shard_writer.index_shards(args.out, splits, args.classes.split(","), args.label_field)
     for name, split in index["splits"].items():
         print(f"{name}: {split['count']} samples in {len(split['shards'])} shards, per class {split['class_counts']}")
     print(f"classes: {index['classes']}\nwrote {args.out}/dataset.json")

@@ -152,6 +152,9 @@ class Config(_Strict):
     resume: str = Field("never", description="'never', 'auto' (latest in output_dir) or a checkpoint folder")
     log_every_steps: int = Field(10, ge=1)
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap, for smoke tests")
+    stop_after_steps: Optional[int] = Field(
+        None, ge=1, description="checkpoint and stop after this many optimizer steps, as on preemption "
+                                "(time-boxed jobs); the same command with resume=auto continues")
     data: DataConfig
     model: ModelConfig
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)

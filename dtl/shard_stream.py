@@ -28,6 +28,7 @@ import math
 import os
 import random
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable, Iterator, Optional
@@ -111,10 +112,39 @@ def split_source(root: str, split: str, index: Optional[dict], patterns: dict[st
     return SplitSource(split, urls, counts, sum(counts), entry.get("class_counts"))
 
 
+def group_members(files: Iterator[dict]) -> Iterator[dict]:
+    """Group consecutive tar members into samples.
+
+    Unlike webdataset's default (key = name up to the first dot), the key is the name up to the
+    last dot, and a member whose key extends the current one (`x.seg.png` after `x.cls`) joins it:
+    so keys may contain dots (`img.v2.jpg` -> key `img.v2`) and multi-part fields still work.
+    """
+    current: Optional[dict] = None
+    for f in files:
+        if not f:  # end-of-shard marker
+            continue
+        fname = f["fname"]
+        stem, dot, ext = fname.rpartition(".")
+        if not dot or "/" in ext:
+            continue  # no extension: not part of any sample
+        key = current["__key__"] if current else None
+        if current is not None and (stem == key or stem.startswith(key + ".")) \
+                and fname[len(key) + 1:] not in current:
+            current[fname[len(key) + 1:]] = f["data"]
+            continue
+        if current is not None:
+            yield current
+        current = {"__key__": stem, "__url__": f.get("__url__"), ext: f["data"]}
+    if current is not None:
+        yield current
+
+
 def iter_tar_samples(url: str) -> Iterator[dict]:
-    """Samples of one shard as webdataset groups them (fields by `__key__`)."""
-    stream = wds.tarfile_to_samples(handler=wds.reraise_exception)
-    yield from stream(iter([{"url": url}]))
+    """Samples of one shard; webdataset opens the URL (local, pipe:, http, fsspec) and reads the tar."""
+    from webdataset.tariterators import tar_file_expander, url_opener
+
+    opened = url_opener(iter([{"url": url}]), handler=wds.reraise_exception)
+    yield from group_members(tar_file_expander(opened, handler=wds.reraise_exception))
 
 
 def read_label(sample: dict, label_field: str, num_classes: int, classes: Optional[list[str]] = None) -> int:
@@ -194,6 +224,7 @@ class ShardStream(IterableDataset):
         self.num_workers = max(1, num_workers)
         self.epoch = 0
         self.skip_per_worker: list[int] = [0] * self.num_workers
+        self.worker_offset = 0
         self.slots = self.world_size * self.num_workers
         if options.train and source.total // self.slots == 0:
             raise DataError(f"split {source.name!r} has {source.total} samples, fewer than "
@@ -209,6 +240,9 @@ class ShardStream(IterableDataset):
         self.epoch = epoch
         w = self.num_workers
         self.skip_per_worker = [math.ceil(max(0, skip_batches - i) / w) * batch_size for i in range(w)]
+        # The DataLoader takes batches round-robin starting at worker 0: on resume, loader worker i
+        # plays the part of worker (i + skipped) % w, so the next batch comes from the right one.
+        self.worker_offset = skip_batches % w
 
     def samples_per_slot(self) -> int:
         return self.source.total // self.slots
@@ -221,7 +255,7 @@ class ShardStream(IterableDataset):
 
     def _slot(self) -> int:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        worker = (info.id + self.worker_offset) % self.num_workers if info is not None else 0
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"stream built for {self.num_workers} workers, loader has {info.num_workers}")
         return self.rank * self.num_workers + worker
@@ -312,6 +346,10 @@ class ShardStream(IterableDataset):
         except Exception as e:
             self._bad(url, key, f"{type(e).__name__}: {e}")
             return None
+        if self.opt.train:  # augmentation as a function of (seed, epoch, key): exact on resume, any worker count
+            seed = zlib.crc32(f"{self.opt.seed}/{self.epoch}/{key}".encode())
+            torch.manual_seed(seed)
+            random.seed(seed)
         return self.transform(img), label, key
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:

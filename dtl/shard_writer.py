@@ -167,7 +167,10 @@ def index_shards(out_dir: str | Path, split_patterns: dict[str, str], classes: l
         for url in expand_shards(pattern, base=str(out)):
             n = 0
             for sample in iter_tar_samples(url):
-                counts[read_label(sample, label_field, len(classes))] += 1
+                try:
+                    counts[read_label(sample, label_field, len(classes), classes)] += 1
+                except ValueError as e:
+                    raise ValueError(f"shard {url}, sample {sample['__key__']}: {e}") from None
                 n += 1
             shards.append({"name": os.path.relpath(url, out) if "://" not in url else url, "count": n})
         index["splits"][split] = {"shards": shards, "count": sum(s["count"] for s in shards), "class_counts": counts}

@@ -214,17 +214,13 @@ def train(cfg: Config) -> dict:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                 save()
-            if preempt.should_stop():
+            if preempt.should_stop() or state.step == cfg.stop_after_steps:
                 stopped = True
                 break
         bar.close()
         images_seen += seen * accelerator.num_processes
         if stopped:
-            save()
-            accelerator.print(f"preempted at epoch {epoch}, step {state.step}: checkpoint written")
-            accelerator.end_training()
-            preempt.requeue()
-            return {"preempted": True, "step": state.step}
+            return _stop(accelerator, save, preempt, state)
 
         train_loss = float(accelerator.reduce(loss_sum, "sum")) / max(1, seen * accelerator.num_processes)
         train_acc = float(accelerator.reduce(correct, "sum")) / max(1, seen * accelerator.num_processes)
@@ -248,12 +244,7 @@ def train(cfg: Config) -> dict:
         if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.epochs:
             save()
         if preempt.should_stop():
-            accelerator.print(f"preempted after epoch {epoch}: checkpoint written")
-            if (epoch + 1) % cfg.checkpoint.every_epochs != 0:
-                save()
-            accelerator.end_training()
-            preempt.requeue()
-            return {"preempted": True, "step": state.step}
+            return _stop(accelerator, save, preempt, state)
 
     # -- test and export ---------------------------------------------------------------------
     summary: dict = {"epochs": cfg.epochs, "steps": state.step, "best_epoch": state.best_epoch,
@@ -279,6 +270,17 @@ def train(cfg: Config) -> dict:
         run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     accelerator.end_training()
     return summary
+
+
+def _stop(accelerator: Accelerator, save, preempt: PreemptionHandler, state: ckpt.TrainState) -> dict:
+    """Checkpoint where we are and leave; under Slurm a preempted job is requeued."""
+    save()
+    accelerator.print(f"stopped at epoch {state.epoch}, batch {state.batch_in_epoch}, step {state.step}: "
+                      f"checkpoint written; run again with resume=auto to continue")
+    accelerator.end_training()
+    if preempt.received is not None:
+        preempt.requeue()
+    return {"stopped": True, "steps": state.step, "epoch": state.epoch}
 
 
 def _num_classes(cfg: Config) -> int:

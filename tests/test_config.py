@@ -1,0 +1,67 @@
+import pytest
+
+from conftest import tiny_config, write_config
+from dtl.run_config import ConfigError, load_config
+
+
+def test_yaml_and_overrides_merge_with_types(tmp_path, shard_dir):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, shard_dir))
+    cfg = load_config(path, ["optim.lr=3e-4", "data.batch_size=4", "finetune.stages=[{epoch: 0, train: all}]"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.data.batch_size == 4
+    assert [s.train for s in cfg.finetune.stages] == ["all"]
+    assert cfg.model.backbone == "test_efficientnet"
+
+
+def test_unknown_key_names_key_and_nearest(tmp_path, shard_dir):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, shard_dir))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["optim.learning_rate=0.1"])
+    assert "optim.learning_rate: unknown key" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["data.batchsize=4"])
+    assert "did you mean 'data.batch_size'" in str(e.value)
+
+
+def test_wrong_type_and_missing_key(tmp_path, shard_dir):
+    cfg = tiny_config(tmp_path, shard_dir)
+    path = write_config(tmp_path / "c.yaml", cfg)
+    with pytest.raises(ConfigError, match=r"data\.batch_size: .*integer"):
+        load_config(path, ["data.batch_size=many"])
+    del cfg["model"]["backbone"]
+    with pytest.raises(ConfigError, match=r"model\.backbone: required key is missing"):
+        load_config(write_config(tmp_path / "d.yaml", cfg))
+
+
+def test_bad_stages_and_files(tmp_path, shard_dir):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, shard_dir))
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        load_config(path, ["finetune.stages=[{epoch: 0, train: 1}, {epoch: 0, train: 2}]"])
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        load_config(path, ["finetune.stages=[{epoch: 0, train: 0}]"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(path, ["optim.lr"])
+
+
+def test_train_cli_exits_nonzero_naming_the_key(tmp_path, shard_dir):
+    import subprocess
+    import sys
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, shard_dir))
+    r = subprocess.run([sys.executable, "-m", "dtl.train", "--config", str(path), "optim.lrr=1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "optim.lrr: unknown key (did you mean 'optim.lr'?)" in r.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        load_config(path)

@@ -1,0 +1,216 @@
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from conftest import CLASSES, encode, make_image
+from dtl.shard_stream import (DataError, ShardStream, StreamOptions, batches_per_epoch, make_loader,
+                              read_index, split_source)
+from dtl.shard_writer import write_imagefolder
+
+
+def _ids(stream: ShardStream, epoch: int = 0, workers: int = 0, batch_size: int = 4) -> list[str]:
+    stream.set_epoch(epoch)
+    return [k for b in make_loader(stream, batch_size, workers) for k in b["key"]]
+
+
+def _stream(root, split="train", train=False, rank=0, world=1, workers=0, **kw) -> ShardStream:
+    index = read_index(str(root))
+    source = split_source(str(root), split, index, kw.pop("shards", {}), kw.pop("samples", {}))
+    opts = StreamOptions(classes=kw.pop("classes", CLASSES), train=train, shuffle_buffer=8, **kw)
+    return ShardStream(source, lambda img: torch.tensor(img.size), opts, rank, world, workers)
+
+
+def test_imagefolder_roundtrip_is_stratified_and_exact(shard_dir, image_folder):
+    index = json.loads((shard_dir / "dataset.json").read_text())
+    assert index["classes"] == CLASSES
+    total = sum(s["count"] for s in index["splits"].values())
+    assert total == 72
+    for split in index["splits"].values():  # every split holds every class in proportion
+        assert all(c > 0 for c in split["class_counts"])
+        assert sum(sh["count"] for sh in split["shards"]) == split["count"]
+    # eval streams return every sample exactly once with its label
+    keys = set()
+    for split in index["splits"]:
+        stream = _stream(shard_dir, split)
+        for batch in make_loader(stream, 5, 0):
+            for key, label in zip(batch["key"], batch["label"].tolist()):
+                assert key.startswith(CLASSES[label])
+                keys.add(key)
+    assert len(keys) == 72
+
+
+def test_split_is_seeded(tmp_path, image_folder):
+    a = write_imagefolder(image_folder, tmp_path / "a", seed=1, maxcount=8)
+    b = write_imagefolder(image_folder, tmp_path / "b", seed=1, maxcount=8)
+    c = write_imagefolder(image_folder, tmp_path / "c", seed=2, maxcount=8)
+    keys = lambda root: sorted(_ids(_stream(root, "test")))
+    assert keys(tmp_path / "a") == keys(tmp_path / "b") != keys(tmp_path / "c")
+    assert a == b
+
+
+def test_pre_split_imagefolder(tmp_path):
+    from conftest import write_imagefolder as make_folder
+
+    make_folder(tmp_path / "src" / "train", per_class=5)
+    make_folder(tmp_path / "src" / "val", per_class=2)
+    index = write_imagefolder(tmp_path / "src", tmp_path / "out", maxcount=4)
+    assert index["splits"]["train"]["count"] == 15 and index["splits"]["val"]["count"] == 6
+    assert "test" not in index["splits"]
+
+
+def test_reads_shards_from_webdataset_shardwriter_and_plain_tar(tmp_path):
+    # webdataset's own writer, with a class name in json instead of cls
+    pattern = str(tmp_path / "wds-%03d.tar")
+    with wds.ShardWriter(pattern, maxcount=5) as sink:
+        for i in range(12):
+            sink.write({"__key__": f"s{i:03d}", "png": encode(make_image(i % 3, i), "PNG"),
+                        "cls": i % 3, "json": {"label": CLASSES[i % 3]}})
+    # plain tar with keys holding dots and sub-folders, CMYK/L/P images
+    plain = tmp_path / "plain.tar"
+    with tarfile.open(plain, "w") as tar:
+        for i, mode in enumerate(["CMYK", "L", "P", "RGBA", "RGB", "L"]):
+            img = make_image(i % 3, 100 + i, mode=mode)
+            for ext, data in (("jpg" if mode in ("CMYK", "L", "RGB") else "png",
+                               encode(img, "JPEG" if mode in ("CMYK", "L", "RGB") else "PNG")),
+                              ("cls", str(i % 3).encode())):
+                info = tarfile.TarInfo(f"dir/sub/img.v{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    for spec, label_field, n in ((str(tmp_path / "wds-{000..002}.tar"), "cls", 12),
+                                 (str(tmp_path / "wds-*.tar"), "json.label", 12),
+                                 (str(plain), "cls", 6)):
+        stream = _stream(tmp_path, "x", shards={"x": spec}, samples={"x": n}, label_field=label_field)
+        got = [(k, l) for b in make_loader(stream, 4, 0) for k, l in zip(b["key"], b["label"].tolist())]
+        assert len(got) == n and len({k for k, _ in got}) == n
+        if spec.endswith("plain.tar"):
+            assert {k for k, _ in got} == {f"dir/sub/img.v{i}" for i in range(6)}
+            assert dict(got) == {f"dir/sub/img.v{i}": i % 3 for i in range(6)}
+        else:
+            assert all(int(k[1:]) % 3 == l for k, l in got)
+
+
+def test_train_epoch_is_exact_and_reshuffled(shard_dir):
+    stream = _stream(shard_dir, train=True, seed=3)
+    e0, e0b, e1 = (_ids(stream, e, batch_size=1) for e in (0, 0, 1))
+    assert e0 == e0b                                   # order is a function of (seed, epoch)
+    assert e0 != e1 and sorted(e0) == sorted(e1)       # new order, same samples
+    assert len(e0) == len(set(e0)) == stream.source.total
+
+
+def test_ranks_and_workers_split_exactly(shard_dir):
+    total = _stream(shard_dir, train=True).source.total
+    seen: Counter = Counter()
+    steps = []
+    for rank in range(2):
+        s = _stream(shard_dir, train=True, rank=rank, world=2, workers=2, seed=5)
+        ids = _ids(s, epoch=2, workers=2, batch_size=3)
+        steps.append(len(ids) // 3)
+        assert len(ids) // 3 == batches_per_epoch(s, 3)
+        seen.update(ids)
+    assert steps[0] == steps[1]
+    assert max(seen.values()) == 1                     # never twice
+    assert total - sum(seen.values()) < 2 * 2 * 3      # drop is less than ranks x workers x batch
+
+
+def test_resume_mid_epoch_sees_the_same_remaining_ids(shard_dir):
+    full = _ids(_stream(shard_dir, train=True, workers=2, seed=7), epoch=1, workers=2, batch_size=3)
+    s = _stream(shard_dir, train=True, workers=2, seed=7)
+    s.set_epoch(1, skip_batches=5, batch_size=3)
+    rest = [k for b in make_loader(s, 3, 2) for k in b["key"]]
+    assert rest == full[15:]
+
+
+def _corrupt_copy(shard_dir: Path, tmp_path: Path, mutate) -> Path:
+    import shutil
+
+    out = tmp_path / "corrupt"
+    shutil.copytree(shard_dir, out)
+    mutate(out)
+    return out
+
+
+def _rewrite_member(path: Path, match: str, data: bytes | None) -> str:
+    """Replace (or drop, when data is None) the first member whose name ends with `match`."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    hit = next(m.name for m, _ in members if m.name.endswith(match))
+    with tarfile.open(path, "w") as tar:
+        for m, payload in members:
+            if m.name == hit:
+                if data is None:
+                    continue
+                payload = data
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(payload))
+    return hit.rsplit(".", 1)[0]
+
+
+@pytest.mark.parametrize("kind", ["image", "label", "range", "truncated"])
+def test_corrupt_data_error_names_shard_and_key_and_skip_counts(shard_dir, tmp_path, kind):
+    shard = "train-000001.tar"
+    key = {}
+
+    def mutate(root):
+        p = root / shard
+        if kind == "image":
+            key["k"] = _rewrite_member(p, ".jpg", b"not an image")
+        elif kind == "label":
+            key["k"] = _rewrite_member(p, ".cls", None)
+        elif kind == "range":
+            key["k"] = _rewrite_member(p, ".cls", b"7")
+        else:
+            data = p.read_bytes()
+            p.write_bytes(data[: len(data) // 2])
+
+    root = _corrupt_copy(shard_dir, tmp_path, mutate)
+    with pytest.raises(DataError) as e:
+        _ids(_stream(root, train=True))
+    assert shard in str(e.value)
+    if key:
+        assert key["k"] in str(e.value)
+    log = tmp_path / "bad.jsonl"
+    stream = _stream(root, train=True, on_error="skip", max_errors=3, error_log=str(log))
+    with pytest.warns(UserWarning, match="skipped"):
+        ids = _ids(stream, batch_size=1)
+    assert len(ids) == stream.source.total             # skipped samples are replaced, the step count holds
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert entries and all(shard in e["shard"] for e in entries)
+    with pytest.raises(DataError, match="max_errors=0"):
+        _ids(_stream(root, train=True, on_error="skip", max_errors=0))
+
+
+def test_missing_split_and_index(tmp_path, shard_dir):
+    with pytest.raises(DataError, match="no split 'nope'"):
+        _stream(shard_dir, "nope")
+    with pytest.raises(DataError, match="dataset.json not found"):
+        _stream(tmp_path, "train")
+    with pytest.raises(DataError, match="data.samples.train"):
+        _stream(tmp_path, "train", shards={"train": str(shard_dir / "train-*.tar")})
+
+
+def test_index_command_for_foreign_shards(tmp_path):
+    with wds.ShardWriter(str(tmp_path / "f-%02d.tar"), maxcount=4) as sink:
+        for i in range(10):
+            sink.write({"__key__": f"k{i}", "jpg": encode(make_image(i % 3, i)), "txt": CLASSES[i % 3]})
+    r = subprocess.run([sys.executable, "-m", "dtl.cli", "shards", "index", str(tmp_path),
+                        "--split", "train=f-{00..02}.tar", "--classes", ",".join(CLASSES), "--label-field", "txt"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "dataset.json").read_text())
+    assert [s["count"] for s in index["splits"]["train"]["shards"]] == [4, 4, 2]
+    assert index["splits"]["train"]["class_counts"] == [4, 3, 3]
+    assert len(_ids(_stream(tmp_path, label_field="txt"))) == 10
+
+
+def test_shards_cli_help():
+    r = subprocess.run([sys.executable, "-m", "dtl.cli", "shards", "imagefolder", "--help"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "ImageFolder" in r.stdout and "--maxcount" in r.stdout

@@ -1,0 +1,115 @@
+"""End-to-end runs of dtl/train.py on tiny real models and real shards (single process, CPU)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import wandb_records
+from conftest import CLASSES, REPO, tiny_config, write_config
+from dtl.checkpoints import CheckpointError, list_checkpoints, load_exported, read_train_state
+from dtl.run_config import Config
+from dtl.train import train
+
+
+def _run(tmp_path, shard_dir, **extra) -> tuple[dict, Path]:
+    cfg = Config.model_validate(tiny_config(tmp_path, shard_dir, **extra))
+    return train(cfg), Path(cfg.output_dir)
+
+
+def test_full_run_writes_the_run_directory_and_a_wandb_offline_run(tmp_path, shard_dir, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    summary, out = _run(tmp_path, shard_dir, **{"wandb.enabled": True, "wandb.project": "dtl-test"})
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "best.safetensors",
+                 "wandb_run_id"):
+        assert (out / name).is_file(), name
+    assert list_checkpoints(out / "checkpoints")
+    # summary: test metrics over every test sample, best epoch
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["test/samples"] == 15 and 0 <= saved["test/acc"] <= 1 and "test/macro_f1" in saved
+    assert sum(map(sum, saved["test/confusion"])) == 15
+    assert 0 <= saved["best_epoch"] < 3 and saved["val/samples"] > 0
+    # metrics.jsonl: one record per step and one per epoch, with per-group lrs and trainable counts
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "train/acc" in r]
+    assert [r["stage"] for r in epochs] == [0, 1, 2]
+    assert epochs[0]["trainable_params"] < epochs[1]["trainable_params"] < epochs[2]["trainable_params"]
+    assert any(k.startswith("lr/") and k.endswith("_head") for k in epochs[0])
+    # W&B: a real offline run whose history holds what we logged
+    run_id = (out / "wandb_run_id").read_text()
+    files = list((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 1
+    hist = wandb_records.history(files[0])
+    val_accs = [h["val/acc"] for h in hist if "val/acc" in h]
+    assert val_accs[:3] == pytest.approx([r["val/acc"] for r in epochs])
+    assert wandb_records.config(files[0])["model"]["backbone"] == "test_efficientnet"
+    assert wandb_records.summary(files[0])["test/acc"] == pytest.approx(saved["test/acc"])
+
+
+def test_exported_model_predicts_without_the_training_config(tmp_path, shard_dir, image_folder):
+    summary, out = _run(tmp_path, shard_dir, epochs=2)
+    model, meta = load_exported(out / "model.safetensors")
+    assert meta["classes"] == CLASSES and meta["backbone"] == "test_efficientnet"
+    assert meta["preprocessing"]["input_size"] == [3, 32, 32]
+    ref = train.__globals__["create_classifier"]("test_efficientnet", 3)
+    ref.load_state_dict(load_file(str(out / "model.safetensors")))
+    r = subprocess.run([sys.executable, "-m", "dtl.cli", "predict", str(out / "model.safetensors"),
+                        str(next((image_folder / "circle").glob("*.jpg")))], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    pred = json.loads(r.stdout.splitlines()[0])["predictions"][0]
+    assert pred["class"] in CLASSES and 0 < pred["prob"] <= 1
+
+
+def test_learns_the_synthetic_task(tmp_path, shard_dir):
+    summary, _ = _run(tmp_path, shard_dir, epochs=6, **{
+        "finetune.stages": [{"epoch": 0, "train": "all"}], "optim.lr": 0.02, "data.augment.crop_scale": [0.9, 1.0]})
+    assert summary["test/acc"] > 0.6  # chance is 0.33
+
+
+def test_resume_continues_at_the_right_epoch_with_identical_weights(tmp_path, shard_dir):
+    full, full_out = _run(tmp_path / "a", shard_dir, **{"data.num_workers": 2})
+    # the same run, stopped mid-epoch 1 (just after the first stage change), then resumed
+    cfg = tiny_config(tmp_path / "b", shard_dir, stop_after_steps=7, **{"data.num_workers": 2})
+    stopped = train(Config.model_validate(cfg))
+    out = Path(cfg["output_dir"])
+    state = read_train_state(list_checkpoints(out / "checkpoints")[-1])
+    # 45 samples, 2 workers: 22 per worker, 2 batches of 8 each, 4 steps per epoch
+    assert stopped["stopped"] and (state.epoch, state.batch_in_epoch, state.step, state.stage) == (1, 3, 7, 1)
+    cfg.update(stop_after_steps=None, resume="auto")
+    resumed = train(Config.model_validate(cfg))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "train/acc" in r] == [0, 1, 2]   # epoch 1 finished after resume
+    assert resumed["steps"] == full["steps"] == 12
+    a, b = load_file(str(full_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path, shard_dir):
+    _, out = _run(tmp_path, shard_dir, epochs=1)
+    cfg = tiny_config(tmp_path, shard_dir, epochs=2, resume="auto", **{"model.backbone": "test_resnet"})
+    with pytest.raises(CheckpointError, match="backbone: checkpoint has 'test_efficientnet', this run has 'test_resnet'"):
+        train(Config.model_validate(cfg))
+
+
+def test_bf16_autocast_on_cpu_with_accumulation_and_clipping(tmp_path, shard_dir):
+    summary, out = _run(tmp_path, shard_dir, epochs=1, mixed_precision="bf16", **{
+        "optim.grad_accum_steps": 2, "optim.clip_grad_norm": 1.0, "optim.label_smoothing": 0.1,
+        "finetune.stages": [{"epoch": 0, "train": "all"}]})
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # 45 train samples, batch 8 -> 5 batches -> 2 optimizer steps of 2 accumulated batches
+    assert summary["steps"] == 2
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in records if "train/loss" in r)
+
+
+def test_script_entry_point_with_overrides(tmp_path, shard_dir):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, shard_dir))
+    r = subprocess.run([sys.executable, str(REPO / "dtl" / "train.py"), "--config", str(path), "epochs=1",
+                        f"output_dir={tmp_path / 'script'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "epoch 1/1 stage 0" in r.stdout
+    assert "test: acc" in r.stdout and "confusion matrix" in r.stdout
+    assert json.loads((tmp_path / "script" / "summary.json").read_text())["epochs"] == 1
