@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 if __package__ in (None, ""):  # run as a script: dtl/ is on sys.path, the repo root is not
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,7 +53,8 @@ def apply_stage(accelerator: Accelerator, model: torch.nn.Module, groups: list[L
         accelerator.unwrap_model(model)
     n_trainable = set_trainable(bare, groups, plan.trainable(stage))
     if wrapped and rewrap:
-        accelerator._models.remove(model)  # else save_state would save the old wrapper too
+        # accelerate books the bare module; drop it so save_state does not save it twice
+        accelerator._models[:] = [m for m in accelerator._models if m is not bare]
         model = accelerator.prepare_model(bare)
     return model, n_trainable
 
@@ -80,11 +81,20 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, data: Data, strea
     return metrics, cm.cpu()
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Module, ckpt.TrainState], None]] = None) -> dict:
+    """Run the whole job; `on_epoch_end(accelerator, model, state)` is called on every rank after validation."""
     out = Path(cfg.output_dir)
     wants_wandb = cfg.wandb.enabled and os.environ.get("WANDB_MODE", cfg.wandb.mode) != "disabled"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Without cpu=True accelerate treats torchrun/accelerate-launch processes on a machine with no
+    # GPU as independent single-process runs (each one "main", each writing everything): a gloo
+    # group (MULTI_CPU) is what they need.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="wandb" if wants_wandb else None,
-                              gradient_accumulation_steps=cfg.optim.grad_accum_steps, project_dir=str(out))
+                              gradient_accumulation_steps=cfg.optim.grad_accum_steps, project_dir=str(out),
+                              cpu=world > 1 and not torch.cuda.is_available())
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"launched as {world} processes but accelerate formed a group of "
+                           f"{accelerator.num_processes}: the processes are not connected")
     main = accelerator.is_main_process
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     if main:
@@ -240,6 +250,8 @@ def train(cfg: Config) -> dict:
                                       _export_meta(cfg, classes, pre, state))
         accelerator.print(line + f" | {record['train/img_per_s']:.1f} img/s | {record['epoch_time_s']:.0f}s")
         log(record)
+        if on_epoch_end is not None:
+            on_epoch_end(accelerator, model, state)
         state.epoch, state.batch_in_epoch = epoch + 1, 0
         if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.epochs:
             save()

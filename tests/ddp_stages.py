@@ -1,0 +1,44 @@
+"""Run under `torchrun --nproc_per_node 2`: train 3 stages and record, at the end of each stage,
+whether every parameter is bitwise equal across ranks and frozen groups still equal the
+pretrained file. Writes RESULT_DIR/rank{r}.json."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from dtl.backbones import read_state_dict
+from dtl.layer_groups import layer_groups
+from dtl.run_config import Config
+from dtl.train import train
+
+cfg = Config.model_validate(yaml.safe_load(Path(sys.argv[1]).read_text()))
+result_dir = Path(sys.argv[2])
+pretrained = read_state_dict(cfg.model.pretrained)
+report = []
+
+
+def check(accelerator, model, state):
+    bare = accelerator.unwrap_model(model)
+    groups = layer_groups(bare)
+    params = dict(bare.named_parameters())
+    flat = torch.cat([p.detach().flatten() for p in params.values()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    frozen_ok = all(torch.equal(params[n], pretrained[n]) for n in params if n not in trainable)
+    report.append({"epoch": state.epoch, "stage": state.stage,
+                   "equal_across_ranks": all(torch.equal(gathered[0], g) for g in gathered[1:]),
+                   "max_abs_diff": max(float((gathered[0] - g).abs().max()) for g in gathered[1:]),
+                   "frozen_equal_pretrained": frozen_ok, "trainable": len(trainable),
+                   "ddp_params": sum(1 for p in model.parameters() if p.requires_grad)
+                   if model is not bare else None,
+                   "wrapped": model is not bare, "models_tracked": len(accelerator._models)})
+
+
+summary = train(cfg, on_epoch_end=check)
+(result_dir / f"rank{os.environ.get('RANK', '0')}.json").write_text(
+    json.dumps({"report": report, "summary": {k: v for k, v in summary.items() if k != "test/confusion"}}))

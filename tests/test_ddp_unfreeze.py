@@ -1,0 +1,56 @@
+"""Layer-wise unfreezing under real DDP: 2 gloo processes started by torchrun (MULTI_CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_config
+from dtl.backbones import create_classifier
+
+HERE = Path(__file__).parent
+
+
+def _torchrun(tmp_path: Path, shard_dir: Path, rewrap: bool) -> list[dict]:
+    weights = tmp_path / "pretrained.pth"
+    torch.manual_seed(1)
+    torch.save(create_classifier("test_efficientnet", 1000).state_dict(), weights)
+    cfg = tiny_config(tmp_path, shard_dir, epochs=3, **{
+        "model.pretrained": str(weights), "finetune.ddp_rewrap": rewrap, "data.num_workers": 1,
+        "finetune.join_warmup_epochs": 0.0, "data.batch_size": 4})
+    path = write_config(tmp_path / "ddp.yaml", cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29500 + os.getpid() % 1000 + (0 if rewrap else 1)),
+                        str(HERE / "ddp_stages.py"), str(path), str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+
+
+@pytest.mark.timeout(400)
+def test_stage_changes_rebuild_ddp_and_keep_ranks_bitwise_equal(tmp_path, shard_dir):
+    ranks = _torchrun(tmp_path, shard_dir, rewrap=True)
+    report = ranks[0]["report"]
+    assert [r["stage"] for r in report] == [0, 1, 2]
+    for r in report:
+        assert r["wrapped"], "not a real DDP run"
+        assert r["equal_across_ranks"], r
+        assert r["frozen_equal_pretrained"], r
+        assert r["ddp_params"] == r["trainable"]      # the wrapper covers exactly the trainable params
+        assert r["models_tracked"] == 1               # the old wrapper is gone from accelerate's books
+    assert report[0]["trainable"] < report[1]["trainable"] < report[2]["trainable"]
+    assert ranks[0]["summary"]["test/acc"] == ranks[1]["summary"]["test/acc"]
+    assert ranks[0]["summary"]["test/samples"] == 15  # each test sample once across both ranks
+
+
+@pytest.mark.timeout(400)
+def test_the_naive_path_is_caught(tmp_path, shard_dir):
+    """Flipping requires_grad after prepare (no re-wrap): the new parameters are never all-reduced."""
+    report = _torchrun(tmp_path, shard_dir, rewrap=False)[0]["report"]
+    assert report[0]["equal_across_ranks"]           # head-only stage: DDP built for it, fine
+    assert not report[1]["equal_across_ranks"]       # silently diverged after the first unfreeze
+    assert report[1]["max_abs_diff"] > 0
