@@ -1,0 +1,97 @@
+"""The stream across real processes and transports: torchrun ranks x workers, HTTP shards."""
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from conftest import CLASSES, encode, make_image, tiny_config
+from dtl.shard_writer import index_shards
+
+HERE = Path(__file__).parent
+SIZES = [3, 11, 5, 8, 2, 13, 6]  # 7 shards of uneven sizes, 48 samples
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("uneven")
+    n = 0
+    for split, sizes in (("train", SIZES), ("test", [4, 7, 2])):
+        for i, size in enumerate(sizes):
+            with wds.TarWriter(str(root / f"{split}-{i}.tar")) as sink:
+                for _ in range(size):
+                    sink.write({"__key__": f"{split}{n:04d}", "jpg": encode(make_image(n % 3, n, size=16)),
+                                "cls": n % 3})
+                    n += 1
+    index_shards(root, {"train": "train-{0..6}.tar", "test": "test-{0..2}.tar"}, CLASSES)
+    return root
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_two_workers_equal_steps_exactly_once(uneven_shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29700 + os.getpid() % 200), str(HERE / "ddp_stream.py"),
+                        str(uneven_shards), str(tmp_path)], capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"stream{i}.json").read_text()) for i in range(2)]
+    for epoch in ("0", "1"):
+        train = [rk[f"train/{epoch}"] for rk in ranks]
+        assert train[0]["steps"] == train[1]["steps"] == train[0]["expected_steps"] > 0
+        seen = Counter(i for t in train for i in t["ids"])
+        assert max(seen.values()) == 1                           # never twice in an epoch
+        assert 48 - sum(seen.values()) < 2 * 2 * 3                # documented drop < ranks x workers x batch
+        test = Counter(i for rk in ranks for i in rk[f"test/{epoch}"]["ids"])
+        assert sorted(test) == [f"test{n:04d}" for n in range(48, 61)] and max(test.values()) == 1
+    assert ranks[0]["train/0"]["ids"] != ranks[0]["train/1"]["ids"]  # reshuffled per epoch
+
+
+def test_fewer_shards_than_slots_without_counts_warns_and_stays_exact(uneven_shards):
+    import torch
+
+    from dtl.shard_stream import ShardStream, SplitSource, StreamOptions, make_loader
+
+    urls = [str(uneven_shards / f"train-{i}.tar") for i in range(3)]  # 3 shards, 2 ranks x 2 workers
+    seen = Counter()
+    for rank in range(2):
+        with pytest.warns(UserWarning, match="3 shards for 4 rank x worker slots"):
+            s = ShardStream(SplitSource("train", urls, None, sum(SIZES[:3])), lambda img: torch.zeros(1),
+                            StreamOptions(classes=CLASSES, train=True), rank, 2, num_workers=2)
+        seen.update(k for b in make_loader(s, 1, 2) for k in b["key"])
+    assert max(seen.values()) == 1 and sum(seen.values()) == 4 * (sum(SIZES[:3]) // 4)
+
+
+@contextlib.contextmanager
+def http_server(root: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.timeout(300)
+def test_trains_from_shards_served_over_http(shard_dir, tmp_path):
+    from dtl.run_config import Config
+    from dtl.train import train
+
+    with http_server(shard_dir) as url:
+        cfg = tiny_config(tmp_path, shard_dir, epochs=1, **{"data.root": url})
+        summary = train(Config.model_validate(cfg))
+    assert summary["test/samples"] == 15 and summary["steps"] > 0
