@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=7)
     p.add_argument("--out", default="runs/bench-recipes")
     p.add_argument("--only", nargs="*", help="run only these recipes")
+    p.add_argument("--set", nargs="*", default=[], help="extra dotted overrides for every recipe")
     args = p.parse_args()
     rows = []
     for name, overrides in RECIPES.items():
@@ -37,13 +38,13 @@ def main() -> None:
             continue
         out = Path(args.out) / name.replace(" ", "_").replace(",", "")
         cmd = [sys.executable, "-m", "dtl.train", "--config", str(REPO / "configs" / "quickstart.yaml"),
-               f"output_dir={out}", f"epochs={args.epochs}", "wandb.enabled=false", *overrides]
+               f"output_dir={out}", f"epochs={args.epochs}", "wandb.enabled=false", *overrides, *args.set]
         t0 = time.time()
         subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
         s = json.loads((out / "summary.json").read_text())
         rows.append((name, s["test/acc"], s["test/macro_f1"], s["val/best_acc"], time.time() - t0))
         print(f"done: {name}: test acc {s['test/acc']:.4f}", file=sys.stderr)
-    print(f"\nELPV, 4 classes, tf_efficientnet_lite0 @160 px, {args.epochs} epochs, test split")
+    print(f"\nELPV, 4 classes, tf_efficientnet_lite0, {args.epochs} epochs, test split {' '.join(args.set)}")
     print(f"{'recipe':<14} {'test acc':>9} {'macro-F1':>9} {'best val':>9} {'wall s':>7}")
     for name, acc, f1, val, wall in rows:
         print(f"{name:<14} {acc:>9.4f} {f1:>9.4f} {val:>9.4f} {wall:>7.0f}")

@@ -34,6 +34,8 @@ def step_time(model, groups, k: int | str, x, y, steps: int) -> float:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if x.is_cuda:
+            torch.cuda.synchronize()
         if i:  # first step warms up
             times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
@@ -45,14 +47,18 @@ def main() -> None:
     p.add_argument("--size", type=int, default=160)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     torch.manual_seed(0)
     model = create_classifier(args.model, 4)
     groups = layer_groups(model)
-    x, y = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 4, (args.batch,))
+    model.to(args.device)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+    y = torch.randint(0, 4, (args.batch,), device=args.device)
     ks = [1, 2, 3, len(groups) // 2, "all"]
     full = step_time(model, groups, "all", x, y, args.steps)
-    print(f"{args.model} @{args.size}px, batch {args.batch}, {len(groups)} groups, {torch.get_num_threads()} threads")
+    print(f"{args.model} @{args.size}px, batch {args.batch}, {len(groups)} groups, on {args.device}"
+          f" ({torch.get_num_threads()} threads)")
     print(f"{'trainable':>10} {'ms/step':>9} {'img/s':>7} {'vs all':>7}")
     for k in ks:
         t = full if k == "all" else step_time(model, groups, k, x, y, args.steps)

@@ -85,7 +85,7 @@ class StageConfig(_Strict):
 
 
 def _default_stages() -> list[StageConfig]:
-    return [StageConfig(epoch=0, train=1), StageConfig(epoch=1, train=3), StageConfig(epoch=3, train="all")]
+    return [StageConfig(epoch=0, train=1), StageConfig(epoch=1, train=3), StageConfig(epoch=2, train="all")]
 
 
 class FinetuneConfig(_Strict):
@@ -93,7 +93,7 @@ class FinetuneConfig(_Strict):
     group_regex: Optional[list[str]] = Field(
         None, description="override: one regex per group, from the input to the head")
     stages: list[StageConfig] = Field(default_factory=_default_stages)
-    decay: float = Field(0.7, gt=0, le=1, description="lr of group g = lr * decay ** (head - g)")
+    decay: float = Field(0.8, gt=0, le=1, description="lr of group g = lr * decay ** (head - g)")
     group_lrs: Optional[list[float]] = Field(None, description="explicit lr per group, input to head")
     lr_range: Optional[tuple[float, float]] = Field(
         None, description="fastai's slice(low, high): rates spread geometrically from the input to the head")
