@@ -45,6 +45,29 @@ def test_stage_changes_rebuild_ddp_and_keep_ranks_bitwise_equal(tmp_path, shard_
     assert report[0]["trainable"] < report[1]["trainable"] < report[2]["trainable"]
     assert ranks[0]["summary"]["test/acc"] == ranks[1]["summary"]["test/acc"]
     assert ranks[0]["summary"]["test/samples"] == 15  # each test sample once across both ranks
+    # the 2-rank test metric equals a 1-process evaluation of the same exported weights
+    assert _single_process_test_acc(tmp_path / "run" / "model.safetensors", shard_dir) == \
+        pytest.approx(ranks[0]["summary"]["test/acc"])
+
+
+def _single_process_test_acc(weights: Path, shard_dir: Path) -> float:
+    from dtl.checkpoints import load_exported
+    from dtl.data_pipeline import build_transform
+    from dtl.run_config import AugmentConfig
+    from dtl.shard_stream import ShardStream, StreamOptions, make_loader, read_index, split_source
+
+    model, meta = load_exported(weights)
+    index = read_index(str(shard_dir))
+    stream = ShardStream(split_source(str(shard_dir), "test", index, {}, {}),
+                         build_transform(meta["preprocessing"], False, AugmentConfig()),
+                         StreamOptions(classes=meta["classes"]))
+    correct = total = 0
+    with torch.no_grad():
+        for batch in make_loader(stream, 4, 0):
+            correct += int((model(batch["image"]).argmax(1) == batch["label"]).sum())
+            total += len(batch["label"])
+    assert total == 15
+    return correct / total
 
 
 @pytest.mark.timeout(400)

@@ -113,3 +113,15 @@ def test_script_entry_point_with_overrides(tmp_path, shard_dir):
     assert "epoch 1/1 stage 0" in r.stdout
     assert "test: acc" in r.stdout and "confusion matrix" in r.stdout
     assert json.loads((tmp_path / "script" / "summary.json").read_text())["epochs"] == 1
+
+
+def test_class_weights_from_dataset_counts(tmp_path, shard_dir):
+    from dtl.data_pipeline import class_weights
+    from dtl.shard_stream import ShardStream, SplitSource, StreamOptions
+
+    src = SplitSource("train", ["x.tar"], [2624], 2624, class_counts=[1508, 295, 106, 715])
+    w = class_weights(ShardStream(src, lambda i: i, StreamOptions(classes=list("abcd"))), 4)
+    assert w.mean().item() == pytest.approx(1.0)
+    assert w[2] / w[0] == pytest.approx(1508 / 106)          # inverse frequency
+    summary, _ = _run(tmp_path, shard_dir, epochs=1, **{"data.class_weights": True})
+    assert summary["test/samples"] == 15
