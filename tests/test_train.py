@@ -83,6 +83,9 @@ def test_resume_continues_at_the_right_epoch_with_identical_weights(tmp_path, sh
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "train/acc" in r] == [0, 1, 2]   # epoch 1 finished after resume
     assert resumed["steps"] == full["steps"] == 12
+    full_records = [json.loads(line) for line in (full_out / "metrics.jsonl").read_text().splitlines()]
+    lrs = lambda recs: [{k: v for k, v in r.items() if k.startswith("lr/")} for r in recs if "train/acc" in r]
+    assert lrs(records) == lrs(full_records)                              # same groups, same rates
     a, b = load_file(str(full_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
