@@ -56,17 +56,18 @@ def history(path: str | Path) -> list[dict]:
             for r in read_records(path) if r.WhichOneof("record_type") == "history"]
 
 
-def config(path: str | Path) -> dict:
+def _updates(path: str | Path, record_type: str) -> dict:
+    """Merged key/value updates of every `config` or `summary` record."""
     out: dict = {}
     for r in read_records(path):
-        if r.WhichOneof("record_type") == "config":
-            out.update({_key(i): json.loads(i.value_json) for i in r.config.update})
+        if r.WhichOneof("record_type") == record_type:
+            out.update({_key(i): json.loads(i.value_json) for i in getattr(r, record_type).update})
     return out
+
+
+def config(path: str | Path) -> dict:
+    return _updates(path, "config")
 
 
 def summary(path: str | Path) -> dict:
-    out: dict = {}
-    for r in read_records(path):
-        if r.WhichOneof("record_type") == "summary":
-            out.update({_key(i): json.loads(i.value_json) for i in r.summary.update})
-    return out
+    return _updates(path, "summary")
