@@ -60,14 +60,20 @@ class Data:
         return batches_per_epoch(self.train, self.batch_size)
 
 
-def build_data(cfg: Config, pre: dict, rank: int, world_size: int, error_log: Optional[str]) -> Data:
-    d = cfg.data
-    index = read_index(d.root)
+def resolve_classes(d: DataConfig, index: Optional[dict]) -> list[str]:
+    """Class names from the config or dataset.json; they must agree when both are given."""
     classes = d.classes or (index or {}).get("classes")
     if not classes:
         raise DataError(f"no class names: {d.root}/dataset.json is missing and data.classes is not set")
     if index and d.classes and d.classes != index["classes"]:
         raise DataError(f"data.classes {d.classes} differ from {d.root}/dataset.json {index['classes']}")
+    return classes
+
+
+def build_data(cfg: Config, pre: dict, rank: int, world_size: int, error_log: Optional[str]) -> Data:
+    d = cfg.data
+    index = read_index(d.root)
+    classes = resolve_classes(d, index)
     size = pre["input_size"][-1]
 
     def stream(split: Optional[str], train: bool) -> Optional[ShardStream]:

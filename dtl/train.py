@@ -31,14 +31,14 @@ from tqdm.auto import tqdm
 from dtl import checkpoints as ckpt
 from dtl.backbones import BackboneError, create_classifier, preprocessing
 from dtl.classification_metrics import confusion_update, format_confusion, summarize
-from dtl.data_pipeline import Data, build_data, class_weights, prepare_shards
+from dtl.data_pipeline import Data, build_data, class_weights, prepare_shards, resolve_classes
 from dtl.finetune_plan import FinetunePlan, Stage, freeze_batchnorm, set_trainable
 from dtl.layer_groups import GroupingError, LayerGroup, layer_groups
 from dtl.optimization import build_optimizer, build_scheduler, group_lrs
 from dtl.preemption import PreemptionHandler
 from dtl.run_config import Config, ConfigError, dump_config, load_config
 from dtl.run_log import MetricsFile, wandb_settings
-from dtl.shard_stream import DataError, ShardStream
+from dtl.shard_stream import DataError, ShardStream, read_index
 
 
 def apply_stage(accelerator: Accelerator, model: torch.nn.Module, groups: list[LayerGroup],
@@ -106,7 +106,8 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
     # -- data and model --------------------------------------------------------------------
     with accelerator.main_process_first():
         prepare_shards(cfg.data, cfg.seed)
-    model = create_classifier(cfg.model.backbone, _num_classes(cfg), cfg.model.pretrained,
+    model = create_classifier(cfg.model.backbone, len(resolve_classes(cfg.data, read_index(cfg.data.root))),
+                              cfg.model.pretrained,
                               cfg.model.drop_rate, cfg.model.drop_path_rate)
     pre = preprocessing(model, cfg.data.img_size, cfg.data.crop_pct)
     data = build_data(cfg, pre, accelerator.process_index, accelerator.num_processes,
@@ -293,16 +294,6 @@ def _stop(accelerator: Accelerator, save, preempt: PreemptionHandler, state: ckp
     if preempt.received is not None:
         preempt.requeue()
     return {"stopped": True, "steps": state.step, "epoch": state.epoch}
-
-
-def _num_classes(cfg: Config) -> int:
-    from dtl.shard_stream import read_index
-
-    index = read_index(cfg.data.root)
-    classes = cfg.data.classes or (index or {}).get("classes")
-    if not classes:
-        raise DataError(f"no class names: {cfg.data.root}/dataset.json is missing and data.classes is not set")
-    return len(classes)
 
 
 def _resume_path(cfg: Config, out: Path) -> Optional[Path]:
