@@ -62,19 +62,52 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def remove_partial(root: str | Path) -> None:
-    """Delete `.tmp-` folders left by a run killed while writing."""
+def recover_partial(root: str | Path) -> None:
+    """Tidy up after a run killed while writing a checkpoint.
+
+    `.tmp-X` is an unfinished write: deleted. `.old-X` is a complete checkpoint being replaced by
+    a newer write of the same step: put back if the kill came before the new `X` was in place.
+    """
     root = Path(root)
-    if root.is_dir():
-        for p in root.glob(".tmp-*"):
+    if not root.is_dir():
+        return
+    for p in root.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".old-*"):
+        final = root / p.name[len(".old-"):]
+        if final.exists():
             shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.replace(p, final)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file and folder below `path` to disk, so a crash after the rename finds data."""
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(accelerator, root: str | Path, state: TrainState, keep: int) -> Path:
-    """Every rank calls this; the main process renames the finished folder and prunes old ones."""
+    """Every rank calls this; the main process publishes the finished folder with one rename.
+
+    A folder named `ckpt-*` is always complete: it is written as `.tmp-ckpt-*` and renamed only
+    after every rank has written its part and the files are on disk. Re-saving a step moves the
+    old folder aside first (`.old-*`), so a kill at any moment leaves a complete one to resume.
+    """
     root = Path(root)
     final = root / f"ckpt-{state.step:08d}"
-    tmp = root / f".tmp-{final.name}"
+    tmp, old = root / f".tmp-{final.name}", root / f".old-{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -82,15 +115,16 @@ def save_checkpoint(accelerator, root: str | Path, state: TrainState, keep: int)
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with open(tmp / STATE_FILE, "w") as f:
-            f.write(state.to_json())
-            f.flush()
-            os.fsync(f.fileno())
+        (tmp / STATE_FILE).write_text(state.to_json())
+        _fsync_tree(tmp)
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

@@ -1,4 +1,4 @@
-"""The `dtl` command: write shards, show a model's layer groups, predict, train."""
+"""The `dtl` command: write shards, show a model's layer groups, predict, train, launch on Slurm."""
 from __future__ import annotations
 
 import argparse
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("train", help="same as dtl/train.py (single process unless launched by accelerate)",
                    add_help=False)
+    sub.add_parser("launch", help="accelerate launch for this node of a Slurm job (--dry-run: every node's)",
+                   add_help=False)
     return p
 
 
@@ -85,6 +87,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["train"]:
         from dtl.train import main as train_main
         return train_main(argv[1:])
+    if argv[:1] == ["launch"]:
+        from dtl.cluster_launch import main as launch_main
+        return launch_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         {"shards": _shards, "groups": _groups, "predict": _predict}[args.command](args)

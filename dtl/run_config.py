@@ -131,7 +131,8 @@ class WandbConfig(_Strict):
     enabled: bool = True
     project: str = "dtl"
     entity: Optional[str] = None
-    name: Optional[str] = None
+    name: Optional[str] = Field(None, description="run name; default: the output_dir's name")
+    group: Optional[str] = Field(None, description="W&B group, e.g. one per sweep (slurm/sweep.sbatch sets it)")
     tags: list[str] = Field(default_factory=list)
     mode: Literal["offline", "online", "disabled"] = Field(
         "offline", description="offline writes a real run to sync later; WANDB_MODE overrides")
@@ -147,14 +148,17 @@ class Config(_Strict):
     output_dir: str = "runs/default"
     seed: int = 0
     epochs: int = Field(5, ge=1)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = Field(
+        None, description="unset: what `accelerate launch` says (launch/*.yaml, --mixed_precision), else 'no'")
     deterministic: bool = False
-    resume: str = Field("never", description="'never', 'auto' (latest in output_dir) or a checkpoint folder")
+    resume: str = Field("auto", description="'auto' (latest checkpoint in output_dir, if any: a requeued job "
+                                            "continues by itself), 'never' (refuses an output_dir that holds "
+                                            "checkpoints) or a checkpoint folder")
     log_every_steps: int = Field(10, ge=1)
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap, for smoke tests")
     stop_after_steps: Optional[int] = Field(
         None, ge=1, description="checkpoint and stop after this many optimizer steps, as on preemption "
-                                "(time-boxed jobs); the same command with resume=auto continues")
+                                "(time-boxed jobs); the same command continues")
     data: DataConfig
     model: ModelConfig
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)

@@ -33,5 +33,5 @@ def wandb_settings(cfg: Config, output_dir: Path, run_id: str) -> Optional[dict]
     if not cfg.wandb.enabled or mode == "disabled":
         return None
     return {"wandb": {"dir": str(output_dir), "mode": mode, "id": run_id, "resume": "allow",
-                      "name": cfg.wandb.name or output_dir.name, "entity": cfg.wandb.entity,
+                      "name": cfg.wandb.name or output_dir.name, "entity": cfg.wandb.entity, "group": cfg.wandb.group,
                       "tags": cfg.wandb.tags}}

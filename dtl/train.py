@@ -98,8 +98,11 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
     main = accelerator.is_main_process
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     if main:
+        ckpt.recover_partial(out / "checkpoints")  # a run killed mid-write leaves only complete checkpoints
+    accelerator.wait_for_everyone()
+    resume_from = _resume_path(cfg, out)  # before anything is written: resume=never must not overwrite a run
+    if main:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_partial(out / "checkpoints")
         (out / "config.yaml").write_text(dump_config(cfg))
     accelerator.wait_for_everyone()
 
@@ -128,7 +131,6 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
     # -- resume? -----------------------------------------------------------------------------
     identity = {"backbone": cfg.model.backbone, "classes": classes, "groups": [g.name for g in groups]}
     state = ckpt.TrainState(identity=identity, wandb_run_id=uuid.uuid4().hex[:12])
-    resume_from = _resume_path(cfg, out)
     if resume_from is not None:
         saved = ckpt.read_train_state(resume_from)
         ckpt.check_identity(saved.identity, identity, str(resume_from))
@@ -159,7 +161,7 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
         (out / "wandb_run_id").write_text(state.wandb_run_id or "")
     accelerator.print(f"dtl: {cfg.model.backbone} ({sum(p.numel() for p in model.parameters()):,} params), "
                       f"{len(classes)} classes, {accelerator.num_processes} process(es) on {accelerator.device}, "
-                      f"mixed precision {cfg.mixed_precision}")
+                      f"mixed precision {accelerator.mixed_precision}")
     accelerator.print(f"data: {data.train.source.total} train samples, {steps_per_epoch} steps/epoch of "
                       f"{cfg.data.batch_size} x {accelerator.num_processes} x {accum}; input {pre['input_size'][1:]}")
     accelerator.print(plan.describe())
@@ -196,7 +198,7 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
         seen = 0
         t_epoch = time.time()
         bar = tqdm(total=batches, initial=state.batch_in_epoch, desc=f"epoch {epoch}", leave=False,
-                   disable=not accelerator.is_local_main_process)
+                   disable=not accelerator.is_local_main_process or not sys.stderr.isatty())  # no bars in job logs
         stopped = False
         for batch in data.loader(data.train):
             if state.batch_in_epoch >= batches:
@@ -289,7 +291,7 @@ def _stop(accelerator: Accelerator, save, preempt: PreemptionHandler, state: ckp
     """Checkpoint where we are and leave; under Slurm a preempted job is requeued."""
     save()
     accelerator.print(f"stopped at epoch {state.epoch}, batch {state.batch_in_epoch}, step {state.step}: "
-                      f"checkpoint written; run again with resume=auto to continue")
+                      f"checkpoint written; the same command continues from it")
     accelerator.end_training()
     if preempt.received is not None:
         preempt.requeue()
@@ -298,6 +300,10 @@ def _stop(accelerator: Accelerator, save, preempt: PreemptionHandler, state: ckp
 
 def _resume_path(cfg: Config, out: Path) -> Optional[Path]:
     if cfg.resume == "never":
+        found = ckpt.latest_checkpoint(out / "checkpoints")
+        if found is not None:
+            raise ckpt.CheckpointError(f"resume=never, but {found} holds an earlier run's checkpoint: continue it "
+                                       f"with resume=auto, or choose another output_dir (nothing was overwritten)")
         return None
     if cfg.resume == "auto":
         return ckpt.latest_checkpoint(out / "checkpoints")

@@ -1,0 +1,163 @@
+"""The `accelerate launch` command for each node of a Slurm job, run here or printed (dry run).
+
+One Slurm task per node runs `dtl launch -- --config X key=value ...`; it reads the job's node
+list, its own node id and the GPUs it was given, and execs
+
+    accelerate launch --config_file launch/<...>.yaml --num_machines N --machine_rank R
+        --num_processes N*P --main_process_ip <first node> --main_process_port <port>
+        dtl/train.py --config X key=value ...
+
+so every node agrees on the rendezvous without a hand-written hostfile. `--dry-run` prints the
+command of every node instead (works anywhere: the Slurm variables may be faked).
+
+SIGUSR1 is set to ignored before the exec: the launcher and torchrun's agent then survive the
+preemption signal Slurm sends to the whole step, and only the training processes (which install
+their own handler, dtl/preemption.py) act on it - checkpoint, exit, requeue.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH_DIR = REPO / "launch"
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+
+
+class LaunchError(RuntimeError):
+    """The Slurm environment or the launch arguments do not describe a runnable job."""
+
+
+def expand_hostlist(spec: str) -> list[str]:
+    """Slurm's compressed node list -> host names: `gpu[01-03,7],cpu-a1` -> gpu01 gpu02 gpu03 gpu7 cpu-a1."""
+    hosts: list[str] = []
+    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", spec):
+        prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
+        if ranges is None:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{i:0{len(lo)}d}{suffix}")
+    if not hosts:
+        raise LaunchError(f"cannot read the node list {spec!r}")
+    return hosts
+
+
+def gpus_per_node(env: Mapping[str, str]) -> int:
+    """GPUs Slurm gave this node (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES), else what CUDA sees."""
+    if env.get("SLURM_GPUS_ON_NODE"):  # set only when GPUs were allocated, unlike the request SLURM_GPUS_PER_NODE
+        return int(env["SLURM_GPUS_ON_NODE"])
+    if env.get("CUDA_VISIBLE_DEVICES") not in (None, ""):
+        return len(env["CUDA_VISIBLE_DEVICES"].split(","))
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+@dataclass
+class JobLayout:
+    nodes: list[str]
+    procs_per_node: int
+    main_ip: str
+    port: Optional[int]  # None: the accelerate config's (0 there = any free port, single node only)
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.nodes) * self.procs_per_node
+
+
+def job_layout(env: Mapping[str, str], accelerate_config: dict, procs_per_node: Optional[int] = None,
+               port: Optional[int] = None) -> JobLayout:
+    """Nodes, processes per node and rendezvous address of the current (or faked) Slurm job."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    nodes = expand_hostlist(nodelist) if nodelist else [env.get("HOSTNAME", "localhost")]
+    if env.get("SLURM_NNODES") and int(env["SLURM_NNODES"]) != len(nodes):
+        raise LaunchError(f"SLURM_NNODES={env['SLURM_NNODES']} but the node list {nodelist!r} names {len(nodes)}")
+    if procs_per_node is None:
+        gpus = gpus_per_node(env)
+        procs_per_node = gpus if gpus > 0 else int(accelerate_config.get("num_processes", 1)) // max(
+            1, int(accelerate_config.get("num_machines", 1)))
+    if procs_per_node < 1:
+        raise LaunchError("no GPUs on this node and no --procs-per-node: nothing to launch")
+    if port is None and env.get("MASTER_PORT"):
+        port = int(env["MASTER_PORT"])
+    if port is None and len(nodes) > 1:  # every node must compute the same one; jobs sharing a node differ
+        port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    main_ip = env.get("MASTER_ADDR") or nodes[0]
+    return JobLayout(nodes, procs_per_node, main_ip, port)
+
+
+def default_accelerate_config(num_nodes: int, env: Mapping[str, str]) -> Path:
+    if num_nodes > 1:
+        return LAUNCH_DIR / "multi_node_ddp_bf16.yaml"
+    return LAUNCH_DIR / ("node_ddp_bf16.yaml" if gpus_per_node(env) > 1 else
+                         "one_gpu.yaml" if gpus_per_node(env) == 1 else "cpu.yaml")
+
+
+def node_command(layout: JobLayout, node_rank: int, accelerate_config: Path, train_args: list[str]) -> list[str]:
+    # the accelerate of this Python, whatever PATH the Slurm task got
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
+    if len(layout.nodes) > 1:
+        cmd += ["--num_machines", str(len(layout.nodes)), "--machine_rank", str(node_rank),
+                "--main_process_ip", layout.main_ip, "--main_process_port", str(layout.port)]
+    elif layout.port is not None and layout.num_processes > 1:
+        cmd += ["--main_process_port", str(layout.port)]
+    cmd += ["--num_processes", str(layout.num_processes), str(TRAIN_SCRIPT), *train_args]
+    return cmd
+
+
+def _read_accelerate_config(path: Path) -> dict:
+    if not path.is_file():
+        raise LaunchError(f"accelerate config {path} not found (see launch/*.yaml)")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def main(argv: Optional[list[str]] = None, env: Optional[Mapping[str, str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="dtl launch", description=__doc__.split("\n\n")[0],
+                                usage="dtl launch [options] -- --config CONFIG [key=value ...]")
+    p.add_argument("--accelerate-config", "-a", type=Path,
+                   help="launch/*.yaml (default: multi_node_ddp_bf16 on several nodes, node_ddp_bf16 with "
+                        "several GPUs, one_gpu, else cpu)")
+    p.add_argument("--procs-per-node", type=int, help="default: the node's GPUs, else the config's num_processes")
+    p.add_argument("--port", type=int, help="rendezvous port (default: MASTER_PORT, else 20000 + job id %% 20000)")
+    p.add_argument("--dry-run", action="store_true", help="print the command every node would run, and exit")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then dtl/train.py's arguments")
+    args = p.parse_args(argv)
+    env = os.environ if env is None else env
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    try:
+        if not train_args:
+            raise LaunchError("nothing to train: give dtl/train.py's arguments after --")
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        num_nodes = len(expand_hostlist(nodelist)) if nodelist else 1
+        acc_path = args.accelerate_config or default_accelerate_config(num_nodes, env)
+        layout = job_layout(env, _read_accelerate_config(acc_path), args.procs_per_node, args.port)
+        if args.dry_run:
+            print(f"# {len(layout.nodes)} node(s) x {layout.procs_per_node} process(es); rendezvous "
+                  f"{layout.main_ip}:{layout.port or 'any free port'}")
+            for rank, host in enumerate(layout.nodes):
+                print(f"[{host}] {shlex.join(node_command(layout, rank, acc_path, train_args))}")
+            return 0
+        if len(layout.nodes) > 1 and "SLURM_NODEID" not in env:
+            raise LaunchError("a multi-node job must run this once per node inside `srun --ntasks-per-node=1`")
+        cmd = node_command(layout, int(env.get("SLURM_NODEID", "0")), acc_path, train_args)
+    except LaunchError as e:
+        print(f"dtl launch: error: {e}", file=sys.stderr)
+        return 2
+    print(f"dtl launch [{env.get('SLURMD_NODENAME', layout.nodes[0])}]: {shlex.join(cmd)}", flush=True)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited through exec: see the module docstring
+    os.execvp(cmd[0], cmd)
+    return 0  # not reached
