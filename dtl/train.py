@@ -67,7 +67,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, data: Data, strea
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
-        for batch in tqdm(data.loader(stream), desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        for batch in tqdm(data.loader(stream), desc=desc, leave=False, disable=_no_bars(accelerator)):
             x, y = batch["image"].to(accelerator.device), batch["label"].to(accelerator.device)
             with accelerator.autocast():
                 logits = bare(x)
@@ -198,7 +198,7 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
         seen = 0
         t_epoch = time.time()
         bar = tqdm(total=batches, initial=state.batch_in_epoch, desc=f"epoch {epoch}", leave=False,
-                   disable=not accelerator.is_local_main_process or not sys.stderr.isatty())  # no bars in job logs
+                   disable=_no_bars(accelerator))
         stopped = False
         for batch in data.loader(data.train):
             if state.batch_in_epoch >= batches:
@@ -285,6 +285,11 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
         run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     accelerator.end_training()
     return summary
+
+
+def _no_bars(accelerator: Accelerator) -> bool:
+    """Progress bars on the local main process of an interactive terminal only, not in job logs."""
+    return not (accelerator.is_local_main_process and sys.stderr.isatty())
 
 
 def _stop(accelerator: Accelerator, save, preempt: PreemptionHandler, state: ckpt.TrainState) -> dict:

@@ -1,0 +1,94 @@
+"""launch/*.yaml read by accelerate's own config classes; `dtl launch` for a faked 2-node Slurm job."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import ClusterConfig
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils.launch import prepare_multi_gpu_env
+
+from conftest import REPO
+from dtl.cluster_launch import expand_hostlist
+
+CONFIGS = sorted((REPO / "launch").glob("*.yaml"))
+EXPECTED = {  # file -> (distributed type, processes, mixed precision)
+    "cpu.yaml": (DistributedType.NO, 1, "no"),
+    "cpu_2proc_gloo.yaml": (DistributedType.MULTI_GPU, 2, "no"),
+    "one_gpu.yaml": (DistributedType.NO, 1, "bf16"),
+    "node_ddp_bf16.yaml": (DistributedType.MULTI_GPU, 8, "bf16"),
+    "multi_node_ddp_bf16.yaml": (DistributedType.MULTI_GPU, 16, "bf16"),
+    "fsdp_vit.yaml": (DistributedType.FSDP, 8, "bf16"),
+}
+
+
+def test_every_launch_config_is_documented_here():
+    assert sorted(p.name for p in CONFIGS) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_launch_config_loads_and_validates_with_accelerate(path, monkeypatch):
+    cfg = ClusterConfig.from_yaml_file(str(path))  # raises on unknown keys
+    kind, procs, precision = EXPECTED[path.name]
+    assert (cfg.distributed_type, cfg.num_processes, str(cfg.mixed_precision)) == (kind, procs, precision)
+    # what `accelerate launch --config_file PATH dtl/train.py` does with it, up to starting processes
+    args = launch_command_parser().parse_args(["--config_file", str(path), "dtl/train.py", "--config", "x.yaml"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == procs and args.mixed_precision == precision
+    if kind in (DistributedType.MULTI_GPU, DistributedType.FSDP):
+        env = prepare_multi_gpu_env(args)
+        assert env["ACCELERATE_MIXED_PRECISION"] == precision
+        if kind == DistributedType.FSDP:  # accelerate's FSDP plugin reads its settings from this env
+            for key, value in env.items():
+                if key.startswith("FSDP_") or key == "ACCELERATE_USE_FSDP":
+                    monkeypatch.setenv(key, value)
+            plugin = FullyShardedDataParallelPlugin()
+            assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["Block"]
+            assert plugin.reshard_after_forward and plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+
+
+def test_hostlist_expansion():
+    assert expand_hostlist("gpu[01-03,7],cpu-a1,n[8-10]x") == ["gpu01", "gpu02", "gpu03", "gpu7", "cpu-a1",
+                                                             "n8x", "n9x", "n10x"]
+
+
+def _dry_run(env: dict, *args: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    return subprocess.run([sys.executable, "-m", "dtl.cli", "launch", "--dry-run", *args], cwd=REPO,
+                          env={**clean, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_dry_run_prints_each_nodes_command_for_a_two_node_job():
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_NNODES": "2",
+           "SLURM_GPUS_ON_NODE": "4", "SLURM_NODEID": "1"}
+    r = _dry_run(env, "--", "--config", "configs/quickstart.yaml", "optim.lr=1e-3", "output_dir=runs/x y")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0][1:] for line in lines] == ["gpu-07", "gpu-08"]
+    for rank, line in enumerate(lines):
+        cmd = shlex.split(line.split("] ", 1)[1])
+        assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+        opts = dict(zip(cmd[3:-5:2], cmd[4:-5:2]))
+        assert opts == {"--config_file": str(REPO / "launch" / "multi_node_ddp_bf16.yaml"), "--num_machines": "2",
+                        "--machine_rank": str(rank), "--main_process_ip": "gpu-07",
+                        "--main_process_port": str(20000 + 4242), "--num_processes": "8"}
+        assert cmd[-5:] == [str(REPO / "dtl" / "train.py"), "--config", "configs/quickstart.yaml",
+                            "optim.lr=1e-3", "output_dir=runs/x y"]
+    assert "2 node(s) x 4 process(es); rendezvous gpu-07:24242" in r.stdout
+
+
+def test_dry_run_single_node_and_bad_environments():
+    r = _dry_run({"SLURM_JOB_NODELIST": "n1", "SLURM_GPUS_ON_NODE": "8"}, "--", "--config", "c.yaml")
+    assert "node_ddp_bf16.yaml" in r.stdout and "--num_processes 8" in r.stdout
+    assert "--machine_rank" not in r.stdout
+    r = _dry_run({"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "3"}, "--", "--config", "c.yaml")
+    assert r.returncode == 2 and "SLURM_NNODES=3" in r.stderr
+    r = _dry_run({}, "-a", "launch/nope.yaml", "--", "--config", "c.yaml")
+    assert r.returncode == 2 and "launch/nope.yaml not found" in r.stderr
+    r = _dry_run({})
+    assert r.returncode == 2 and "nothing to train" in r.stderr
