@@ -145,10 +145,11 @@ def check_identity(saved: dict, current: dict, source: str) -> None:
         raise CheckpointError(f"{source} belongs to another model or dataset:\n  " + "\n  ".join(diffs))
 
 
-def export_model(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> None:
+def export_model(weights: nn.Module | dict[str, torch.Tensor], path: str | Path, meta: dict[str, Any]) -> None:
     """Weights as safetensors with everything prediction needs (arch, classes, preprocessing)."""
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state_dict = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"dtl": json.dumps(meta)})
     os.replace(tmp, path)

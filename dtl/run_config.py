@@ -166,6 +166,11 @@ class Config(_Strict):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # YAML 1.1 reads `mixed_precision: no` (and =no) as false
+
 
 def _fields_at(loc: tuple) -> list[str]:
     """Valid keys of the sub-model at `loc` (for 'did you mean')."""

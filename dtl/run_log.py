@@ -35,3 +35,31 @@ def wandb_settings(cfg: Config, output_dir: Path, run_id: str) -> Optional[dict]
     return {"wandb": {"dir": str(output_dir), "mode": mode, "id": run_id, "resume": "allow",
                       "name": cfg.wandb.name or output_dir.name, "entity": cfg.wandb.entity, "group": cfg.wandb.group,
                       "tags": cfg.wandb.tags}}
+
+
+class StepRows:
+    """Sends the trackers one row per optimizer step.
+
+    A step's loss, its epoch's validation metrics and the run's final numbers all carry the same
+    step. W&B keeps one history row per step and may already have written the row when a second
+    log for that step arrives, and then drops it (seen here as a flaky missing `val/acc`), so
+    records of one step are merged here and sent once the step moves on (or at `flush`).
+    """
+
+    def __init__(self, accelerator, enabled: bool):
+        self.accelerator, self.enabled = accelerator, enabled
+        self.step: Optional[int] = None
+        self.row: dict[str, Any] = {}
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        if self.step is not None and step != self.step:
+            self.flush()
+        self.step = step
+        self.row.update(record)
+
+    def flush(self) -> None:
+        if self.row:
+            self.accelerator.log(self.row, step=self.step)
+            self.row = {}

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: dtl/ is on sys.path, the repo 
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from dtl import checkpoints as ckpt
@@ -37,7 +37,7 @@ from dtl.layer_groups import GroupingError, LayerGroup, layer_groups
 from dtl.optimization import build_optimizer, build_scheduler, group_lrs
 from dtl.preemption import PreemptionHandler
 from dtl.run_config import Config, ConfigError, dump_config, load_config
-from dtl.run_log import MetricsFile, wandb_settings
+from dtl.run_log import MetricsFile, StepRows, wandb_settings
 from dtl.shard_stream import DataError, ShardStream, read_index
 
 
@@ -47,6 +47,8 @@ def apply_stage(accelerator: Accelerator, model: torch.nn.Module, groups: list[L
 
     DDP registers the parameters that require grad when it is built; flipping requires_grad on a
     wrapped model leaves the new ones out of the all-reduce and the ranks drift apart silently.
+    FSDP2 needs no new wrapper: it shards the model in place (names unchanged) and reduce-scatters
+    the gradient of every parameter that has one, whatever requires_grad was when it was built.
     """
     wrapped = accelerator.unwrap_model(model) is not model
     bare = accelerator.unwrap_model(model, keep_fp32_wrapper=False) if wrapped and rewrap else \
@@ -60,17 +62,34 @@ def apply_stage(accelerator: Accelerator, model: torch.nn.Module, groups: list[L
 
 
 def evaluate(accelerator: Accelerator, model: torch.nn.Module, data: Data, stream: ShardStream,
-             num_classes: int, desc: str) -> tuple[dict, torch.Tensor]:
-    """Every sample of the split exactly once across ranks; metrics from the summed confusion matrix."""
-    bare = accelerator.unwrap_model(model)  # no DDP: ranks may hold different batch counts here
-    bare.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=accelerator.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+             num_classes: int, desc: str, input_size: list[int]) -> tuple[dict, torch.Tensor]:
+    """Every sample of the split exactly once across ranks; metrics from the summed confusion matrix.
+
+    Under DDP each rank runs the bare model on its own share (ranks may hold one batch more or
+    less). Under FSDP every forward gathers parameters from all ranks, so all ranks step together
+    and a rank that has run out of data joins with a dummy batch whose output is ignored.
+    """
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    net = model if sharded else accelerator.unwrap_model(model)
+    net.eval()
+    dev = accelerator.device
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=dev)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    batches = iter(tqdm(data.loader(stream), desc=desc, leave=False, disable=_no_bars(accelerator)))
     with torch.no_grad():
-        for batch in tqdm(data.loader(stream), desc=desc, leave=False, disable=_no_bars(accelerator)):
-            x, y = batch["image"].to(accelerator.device), batch["label"].to(accelerator.device)
+        while True:
+            batch = next(batches, None)
+            if sharded and not accelerator.reduce(torch.tensor(int(batch is not None), device=dev), "max"):
+                break
+            if batch is None:
+                if not sharded:
+                    break
+                with accelerator.autocast():
+                    net(torch.zeros(1, *input_size, device=dev))
+                continue
+            x, y = batch["image"].to(dev), batch["label"].to(dev)
             with accelerator.autocast():
-                logits = bare(x)
+                logits = net(x)
             loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
             confusion_update(cm, logits.argmax(1), y)
     cm = accelerator.reduce(cm, "sum")
@@ -160,16 +179,18 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
     if main:
         (out / "wandb_run_id").write_text(state.wandb_run_id or "")
     accelerator.print(f"dtl: {cfg.model.backbone} ({sum(p.numel() for p in model.parameters()):,} params), "
-                      f"{len(classes)} classes, {accelerator.num_processes} process(es) on {accelerator.device}, "
+                      f"{len(classes)} classes, {accelerator.num_processes} process(es) on {accelerator.device} "
+                      f"({accelerator.distributed_type.value}), "
                       f"mixed precision {accelerator.mixed_precision}")
     accelerator.print(f"data: {data.train.source.total} train samples, {steps_per_epoch} steps/epoch of "
                       f"{cfg.data.batch_size} x {accelerator.num_processes} x {accum}; input {pre['input_size'][1:]}")
     accelerator.print(plan.describe())
 
+    tracker_rows = StepRows(accelerator, enabled=bool(init_kwargs))
+
     def log(record: dict) -> None:
         metrics_file.write({"step": state.step, "epoch": state.epoch, **record})
-        if init_kwargs:
-            accelerator.log(record, step=state.step)
+        tracker_rows.log(record, state.step)
 
     def save() -> None:
         state.scheduler = scheduler.state_dict()
@@ -233,7 +254,7 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
         bar.close()
         images_seen += seen * accelerator.num_processes
         if stopped:
-            return _stop(accelerator, save, preempt, state)
+            return _stop(accelerator, save, preempt, state, tracker_rows)
 
         train_loss = float(accelerator.reduce(loss_sum, "sum")) / max(1, seen * accelerator.num_processes)
         train_acc = float(accelerator.reduce(correct, "sum")) / max(1, seen * accelerator.num_processes)
@@ -243,14 +264,12 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
                   **group_lrs(optimizer)}
         line = f"epoch {epoch + 1}/{cfg.epochs} stage {stage.index} | train loss {train_loss:.4f} acc {train_acc:.3f}"
         if data.val is not None:
-            val, _ = evaluate(accelerator, model, data, data.val, len(classes), "val")
+            val, _ = evaluate(accelerator, model, data, data.val, len(classes), "val", pre["input_size"])
             record.update({f"val/{k}": v for k, v in val.items()})
             line += f" | val loss {val['loss']:.4f} acc {val['acc']:.3f} f1 {val['macro_f1']:.3f}"
-            if val["acc"] > state.best_metric:
+            if val["acc"] > state.best_metric:  # the same on every rank: val metrics are reduced
                 state.best_metric, state.best_epoch = val["acc"], epoch
-                if main:
-                    ckpt.export_model(accelerator.unwrap_model(model), out / "best.safetensors",
-                                      _export_meta(cfg, classes, pre, state))
+                _export(accelerator, model, out / "best.safetensors", _export_meta(cfg, classes, pre, state))
         accelerator.print(line + f" | {record['train/img_per_s']:.1f} img/s | {record['epoch_time_s']:.0f}s")
         log(record)
         if on_epoch_end is not None:
@@ -259,27 +278,27 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
         if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.epochs:
             save()
         if preempt.should_stop():
-            return _stop(accelerator, save, preempt, state)
+            return _stop(accelerator, save, preempt, state, tracker_rows)
 
     # -- test and export ---------------------------------------------------------------------
     summary: dict = {"epochs": cfg.epochs, "steps": state.step, "best_epoch": state.best_epoch,
                      "val/best_acc": state.best_metric, "wall_time_s": time.time() - t_start,
                      "train/images": images_seen}
     if data.val is not None:
-        val, _ = evaluate(accelerator, model, data, data.val, len(classes), "val")
+        val, _ = evaluate(accelerator, model, data, data.val, len(classes), "val", pre["input_size"])
         summary.update({f"val/{k}": v for k, v in val.items()})
     if data.test is not None:
-        test, cm = evaluate(accelerator, model, data, data.test, len(classes), "test")
+        test, cm = evaluate(accelerator, model, data, data.test, len(classes), "test", pre["input_size"])
         summary.update({f"test/{k}": v for k, v in test.items()})
         summary["test/confusion"] = cm.tolist()
         accelerator.print(f"test: acc {test['acc']:.4f}  macro-F1 {test['macro_f1']:.4f}  "
                           f"balanced acc {test['balanced_acc']:.4f}  ({test['samples']} samples)")
         accelerator.print(format_confusion(cm, classes))
+    _export(accelerator, model, out / "model.safetensors", _export_meta(cfg, classes, pre, state))
     if main:
-        ckpt.export_model(accelerator.unwrap_model(model), out / "model.safetensors",
-                          _export_meta(cfg, classes, pre, state))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    tracker_rows.flush()
     if init_kwargs and main:
         run = accelerator.get_tracker("wandb", unwrap=True)
         run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -287,13 +306,22 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
     return summary
 
 
+def _export(accelerator: Accelerator, model: torch.nn.Module, path: Path, meta: dict) -> None:
+    """Full weights as safetensors; every rank calls it (under FSDP the shards are gathered)."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        ckpt.export_model(state_dict, path, meta)
+
+
 def _no_bars(accelerator: Accelerator) -> bool:
     """Progress bars on the local main process of an interactive terminal only, not in job logs."""
     return not (accelerator.is_local_main_process and sys.stderr.isatty())
 
 
-def _stop(accelerator: Accelerator, save, preempt: PreemptionHandler, state: ckpt.TrainState) -> dict:
+def _stop(accelerator: Accelerator, save, preempt: PreemptionHandler, state: ckpt.TrainState,
+          tracker_rows: StepRows) -> dict:
     """Checkpoint where we are and leave; under Slurm a preempted job is requeued."""
+    tracker_rows.flush()
     save()
     accelerator.print(f"stopped at epoch {state.epoch}, batch {state.batch_in_epoch}, step {state.step}: "
                       f"checkpoint written; the same command continues from it")

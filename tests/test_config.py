@@ -65,3 +65,9 @@ def test_shipped_configs_validate():
 
     for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_yaml_no_means_no_mixed_precision_and_unset_follows_the_launcher(tmp_path, shard_dir):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, shard_dir))
+    assert load_config(path, ["mixed_precision=no"]).mixed_precision == "no"  # YAML reads `no` as false
+    assert load_config(path, []).mixed_precision is None  # accelerate launch's --mixed_precision decides

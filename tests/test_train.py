@@ -98,6 +98,15 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, shard_dir):
         train(Config.model_validate(cfg))
 
 
+def test_resume_never_refuses_to_write_over_an_earlier_run(tmp_path, shard_dir):
+    _, out = _run(tmp_path, shard_dir, epochs=1)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    cfg = tiny_config(tmp_path, shard_dir, epochs=2, resume="never")
+    with pytest.raises(CheckpointError, match="resume=never, but .*ckpt-.* holds an earlier run's checkpoint"):
+        train(Config.model_validate(cfg))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+
+
 def test_bf16_autocast_on_cpu_with_accumulation_and_clipping(tmp_path, shard_dir):
     summary, out = _run(tmp_path, shard_dir, epochs=1, mixed_precision="bf16", **{
         "optim.grad_accum_steps": 2, "optim.clip_grad_norm": 1.0, "optim.label_smoothing": 0.1,
