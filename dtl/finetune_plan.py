@@ -75,12 +75,15 @@ class FinetunePlan:
 def set_trainable(model: nn.Module, groups: list[LayerGroup], trainable: list[bool]) -> int:
     """Set requires_grad group by group; returns the number of trainable parameters."""
     params = dict(model.named_parameters())
-    count = 0
     for g, on in zip(groups, trainable):
         for name in g.params:
             params[name].requires_grad_(on)
-            count += params[name].numel() if on else 0
-    return count
+    return count_trainable(model, groups, trainable)
+
+
+def count_trainable(model: nn.Module, groups: list[LayerGroup], trainable: list[bool]) -> int:
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for g, on in zip(groups, trainable) if on for n in g.params)
 
 
 def freeze_batchnorm(model: nn.Module, groups: list[LayerGroup], trainable: list[bool]) -> None:

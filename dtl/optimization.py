@@ -3,7 +3,7 @@
 Every group gets its param groups at the start, frozen or not: a frozen parameter simply has no
 gradient, so AdamW keeps no state for it, and schedulers never see groups appear mid-run
 (pytorch#79888, Lightning#12141). The schedule is one `LambdaLR` with a function per param group:
-    lr = group_lr * warmup_cosine(step) * stage.lr_mult * join_warmup(group, step)
+    lr = group_lr * warmup_cosine(step) * stage.lr_mult * join_warmup(group, step)   (0 while frozen)
 It is a pure function of the step, so a resumed run recomputes exactly the same rates.
 """
 from __future__ import annotations
@@ -60,6 +60,8 @@ def lr_factor(plan: FinetunePlan, cfg: OptimConfig, join_warmup_epochs: float, s
             t = (step - warmup) / max(1, total_steps - warmup)
             base = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
         stage = plan.stage_at(step // steps_per_epoch)
+        if layer_group < stage.first_group:
+            return 0.0  # frozen in this stage (what keeps it frozen under FSDP, see train.py)
         join = 1.0 if join_warmup == 0 else min(1.0, max(0, step - join_step + 1) / join_warmup)
         return base * stage.lr_mult * join
 

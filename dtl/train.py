@@ -25,14 +25,14 @@ if __package__ in (None, ""):  # run as a script: dtl/ is on sys.path, the repo 
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
 from tqdm.auto import tqdm
 
 from dtl import checkpoints as ckpt
 from dtl.backbones import BackboneError, create_classifier, preprocessing
 from dtl.classification_metrics import confusion_update, format_confusion, summarize
 from dtl.data_pipeline import Data, build_data, class_weights, prepare_shards, resolve_classes
-from dtl.finetune_plan import FinetunePlan, Stage, freeze_batchnorm, set_trainable
+from dtl.finetune_plan import FinetunePlan, Stage, count_trainable, freeze_batchnorm, set_trainable
 from dtl.layer_groups import GroupingError, LayerGroup, layer_groups
 from dtl.optimization import build_optimizer, build_scheduler, group_lrs
 from dtl.preemption import PreemptionHandler
@@ -41,15 +41,23 @@ from dtl.run_log import MetricsFile, StepRows, wandb_settings
 from dtl.shard_stream import DataError, ShardStream, read_index
 
 
-def apply_stage(accelerator: Accelerator, model: torch.nn.Module, groups: list[LayerGroup],
-                plan: FinetunePlan, stage: Stage, rewrap: bool = True) -> tuple[torch.nn.Module, int]:
+def apply_stage(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                groups: list[LayerGroup], plan: FinetunePlan, before: Stage, stage: Stage,
+                rewrap: bool = True) -> tuple[torch.nn.Module, int]:
     """Make exactly the stage's groups trainable; under DDP build a fresh wrapper around them.
 
     DDP registers the parameters that require grad when it is built; flipping requires_grad on a
     wrapped model leaves the new ones out of the all-reduce and the ranks drift apart silently.
-    FSDP2 needs no new wrapper: it shards the model in place (names unchanged) and reduce-scatters
-    the gradient of every parameter that has one, whatever requires_grad was when it was built.
+    Under FSDP every parameter requires grad from the start (see `train`): a joining
+    group gets a fresh optimizer state here, as a group that had no gradients would under DDP.
     """
+    if accelerator.distributed_type == DistributedType.FSDP:
+        params = dict(model.named_parameters())
+        for g, was, now in zip(groups, plan.trainable(before), plan.trainable(stage)):
+            if now and not was:
+                for name in g.params:
+                    optimizer.state.pop(params[name], None)
+        return model, count_trainable(model, groups, plan.trainable(stage))
     wrapped = accelerator.unwrap_model(model) is not model
     bare = accelerator.unwrap_model(model, keep_fp32_wrapper=False) if wrapped and rewrap else \
         accelerator.unwrap_model(model)
@@ -110,7 +118,7 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
     # group (MULTI_CPU) is what they need.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="wandb" if wants_wandb else None,
                               gradient_accumulation_steps=cfg.optim.grad_accum_steps, project_dir=str(out),
-                              cpu=world > 1 and not torch.cuda.is_available())
+                              cpu=world > 1 and not torch.cuda.is_available(), fsdp_plugin=_fsdp_plugin(cfg))
     if accelerator.num_processes != world:
         raise RuntimeError(f"launched as {world} processes but accelerate formed a group of "
                            f"{accelerator.num_processes}: the processes are not connected")
@@ -157,7 +165,13 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
 
     # -- optimizer, schedule, accelerate ---------------------------------------------------
     stage = plan.stage_at(state.epoch)
-    n_trainable = set_trainable(model, groups, plan.trainable(stage))  # before DDP is built
+    # Before DDP is built. Under FSDP everything requires grad: FSDP2 with mixed precision gathers
+    # each parameter into a low-precision copy whose requires_grad is fixed at its first use, so a
+    # group unfrozen later would silently get no gradient (seen on an H100). A frozen group is one
+    # whose lr is 0 there (optimization.lr_factor): AdamW leaves it as loaded, at the price of its backward.
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    set_trainable(model, groups, [True] * len(groups) if sharded else plan.trainable(stage))
+    n_trainable = count_trainable(model, groups, plan.trainable(stage))
     state.stage = stage.index
     optimizer = build_optimizer(model, plan, cfg.optim)
     scheduler = build_scheduler(optimizer, plan, cfg.optim, cfg.finetune.join_warmup_epochs,
@@ -205,7 +219,8 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
         state.epoch = epoch
         stage = plan.stage_at(epoch)
         if stage.index != state.stage:
-            model, n_trainable = apply_stage(accelerator, model, groups, plan, stage, cfg.finetune.ddp_rewrap)
+            model, n_trainable = apply_stage(accelerator, model, optimizer, groups, plan,
+                                             plan.stages[state.stage], stage, cfg.finetune.ddp_rewrap)
             accelerator.print(f"epoch {epoch + 1}: stage {stage.index} - training {len(groups) - stage.first_group}"
                               f"/{len(groups)} groups, {n_trainable:,} parameters")
             state.stage = stage.index
@@ -304,6 +319,20 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
         run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     accelerator.end_training()
     return summary
+
+
+def _fsdp_plugin(cfg: Config) -> Optional[FullyShardedDataParallelPlugin]:
+    """Under `accelerate launch` with FSDP (launch/fsdp_vit.yaml): its settings, but gradients
+    reduced in fp32 as under DDP + autocast (accelerate's default reduces them in bf16, which
+    torch refuses to store on fp32 parameters on one GPU and which loses precision on many)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    precision = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision not in ("bf16", "fp16"):
+        return None
+    low = torch.bfloat16 if precision == "bf16" else torch.float16
+    return FullyShardedDataParallelPlugin(mixed_precision_policy={
+        "param_dtype": low, "reduce_dtype": torch.float32, "output_dtype": low})
 
 
 def _export(accelerator: Accelerator, model: torch.nn.Module, path: Path, meta: dict) -> None:

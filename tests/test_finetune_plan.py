@@ -131,6 +131,27 @@ def test_schedule_per_group_join_warmup_and_stage_multiplier():
     assert lrs[25][head] == pytest.approx(0.5e-3)                       # stage multiplier
 
 
+def test_frozen_groups_have_lr_zero_so_fsdp_can_keep_them_bitwise_unchanged():
+    # Under FSDP every parameter requires grad; a group is frozen by its lr alone.
+    torch.manual_seed(0)
+    model = create_classifier("test_efficientnet", 3)
+    cfg = FinetuneConfig(stages=[StageConfig(epoch=0, train=1), StageConfig(epoch=1, train="all")],
+                         join_warmup_epochs=0.0)
+    plan = FinetunePlan(cfg, layer_groups(model), 1e-2)
+    opt = build_optimizer(model, plan, OptimConfig(weight_decay=0.05))
+    sched = build_scheduler(opt, plan, OptimConfig(), 0.0, steps_per_epoch=3, epochs=2)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):  # stage 0: all parameters get gradients, only the head may move
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    head = set(plan.groups[-1].params)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, start[n]) == (n not in head), n  # frozen: bitwise as loaded; head: trained
+    assert all(pg["lr"] > 0 for pg in opt.param_groups)  # step 3 is in stage 1: everything trains
+
+
 def test_groups_command_prints_groups_with_parameter_counts():
     r = subprocess.run([sys.executable, "-m", "dtl.cli", "groups", "torchvision/resnet18"],
                        capture_output=True, text=True)
