@@ -104,7 +104,12 @@ def test_offline_imagenet_weights_recognise_a_cat():
 
 
 def test_hub_path_is_real_and_fails_clearly_offline(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read once at import: an earlier test may have imported huggingface_hub already (then the
+    # env var alone is ignored and the hub call waits for network timeouts, ~45 s here)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(BackboneError, match="could not load pretrained weights for test_efficientnet.*offline"):
         create_classifier("test_efficientnet", 3, pretrained=True)
     with pytest.raises(BackboneError, match="only"):

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,12 @@ def _last_step(run: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
+def _unique(name: str) -> str:
+    """Job names unique per test run: a fresh cluster numbers jobs from 1 again, and the logs
+    (slurm/logs/NAME-ID.out, appended across requeues) must not mix with an earlier run's."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
 def _sbatch(env: dict, *args: str) -> str:
     r = subprocess.run(["sbatch", "--parsable", *args], env=env, capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
@@ -95,10 +102,11 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm, 
     total = json.loads((base / "summary.json").read_text())["steps"]
     assert total == 8 * 30  # 240 training images / (2 ranks x 4) per step, 8 epochs
 
+    name = _unique("dtl-preempt")
     job = _sbatch({**env, "DTL_RUNS": str(tmp_path)}, "--gpus-per-node=2", "--cpus-per-task=2", "--time=15",
-                  "--job-name=dtl-preempt", "slurm/one_node.sbatch", str(config))
-    run = tmp_path / f"dtl-preempt-{job}"
-    log = REPO / "slurm" / "logs" / f"dtl-preempt-{job}.out"
+                  f"--job-name={name}", "slurm/one_node.sbatch", str(config))
+    run = tmp_path / f"{name}-{job}"
+    log = REPO / "slurm" / "logs" / f"{name}-{job}.out"
     try:
         _wait(lambda: _last_step(run) >= 20, 120, "the job to train 20 steps")
         # what Slurm sends 120 s before the time limit: SIGUSR1 to the batch shell only
@@ -134,6 +142,7 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm, 
     assert len(offline) == 2 and all(d.name.endswith(run_id) for d in offline), offline
     steps_logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == sorted(steps_logged)  # the resumed job continues the metrics file
+    log.unlink()
 
 
 @pytest.mark.timeout(300)
@@ -142,17 +151,18 @@ def test_sweep_array_trains_each_grid_point_in_its_own_run(slurm, shard_dir, tmp
     config = write_config(tmp_path / "sweep.yaml", cfg)
     env = {**slurm, "OMP_NUM_THREADS": "1", "DTL_ACCELERATE_CONFIG": "launch/cpu.yaml", "DTL_RUNS": str(tmp_path),
            "DTL_SWEEP_LRS": "0.001 0.01", "DTL_SWEEP_DECAYS": "0.7 0.9"}
+    name = _unique("dtl-sweep")
     job = _sbatch(env, "--array=0-3", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10",
-                  "--job-name=dtl-sweeptest", "slurm/sweep.sbatch", str(config), "finetune.join_warmup_epochs=0")
-    runs = [tmp_path / f"dtl-sweeptest-{job}_{i}" for i in range(4)]
-    logs = [REPO / "slurm" / "logs" / f"dtl-sweeptest-{job}_{i}.out" for i in range(4)]
+                  f"--job-name={name}", "slurm/sweep.sbatch", str(config), "finetune.join_warmup_epochs=0")
+    runs = [tmp_path / f"{name}-{job}_{i}" for i in range(4)]
+    logs = [REPO / "slurm" / "logs" / f"{name}-{job}_{i}.out" for i in range(4)]
     try:
         _wait(lambda: all(p.exists() and "step ended" in p.read_text() for p in logs), 240, "4 array tasks", poll=0.5)
         seen = set()
         for i, r in enumerate(runs):
             c = load_config(str(r / "config.yaml"), [])
             assert (c.optim.lr, c.finetune.decay) == ([0.001, 0.01][i // 2], [0.7, 0.9][i % 2])
-            assert c.wandb.group == f"dtl-sweeptest-{job}"
+            assert c.wandb.group == f"{name}-{job}"
             assert c.finetune.join_warmup_epochs == 0  # the user's override reached every task
             seen.add((c.optim.lr, c.finetune.decay))
             assert "step ended with exit code 0" in logs[i].read_text()
@@ -160,3 +170,5 @@ def test_sweep_array_trains_each_grid_point_in_its_own_run(slurm, shard_dir, tmp
         assert len(seen) == 4
     finally:
         subprocess.run(["scancel", job], env=env, capture_output=True)
+    for p in logs:
+        p.unlink()
