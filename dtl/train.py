@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: dtl/ is on sys.path, the repo 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
 from tqdm.auto import tqdm
@@ -36,7 +37,7 @@ from dtl.finetune_plan import FinetunePlan, Stage, count_trainable, freeze_batch
 from dtl.layer_groups import GroupingError, LayerGroup, layer_groups
 from dtl.optimization import build_optimizer, build_scheduler, group_lrs
 from dtl.preemption import PreemptionHandler
-from dtl.run_config import Config, ConfigError, dump_config, load_config
+from dtl.run_config import Config, ConfigError, config_changes, dump_config, load_config
 from dtl.run_log import MetricsFile, StepRows, wandb_settings
 from dtl.shard_stream import DataError, ShardStream, read_index
 
@@ -128,6 +129,10 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
         ckpt.recover_partial(out / "checkpoints")  # a run killed mid-write leaves only complete checkpoints
     accelerator.wait_for_everyone()
     resume_from = _resume_path(cfg, out)  # before anything is written: resume=never must not overwrite a run
+    if resume_from is not None and (out / "config.yaml").is_file():
+        changed = config_changes(yaml.safe_load((out / "config.yaml").read_text()) or {}, cfg.model_dump(mode="json"))
+        if changed:
+            accelerator.print(f"dtl: resuming {out} with a changed config: " + "; ".join(changed))
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))

@@ -69,7 +69,7 @@ def test_learns_the_synthetic_task(tmp_path, shard_dir):
     assert summary["test/acc"] > 0.6  # chance is 0.33
 
 
-def test_resume_continues_at_the_right_epoch_with_identical_weights(tmp_path, shard_dir):
+def test_resume_continues_at_the_right_epoch_with_identical_weights(tmp_path, shard_dir, capsys):
     full, full_out = _run(tmp_path / "a", shard_dir, **{"data.num_workers": 2})
     # the same run, stopped mid-epoch 1 (just after the first stage change), then resumed
     cfg = tiny_config(tmp_path / "b", shard_dir, stop_after_steps=7, **{"data.num_workers": 2})
@@ -79,7 +79,9 @@ def test_resume_continues_at_the_right_epoch_with_identical_weights(tmp_path, sh
     # 45 samples, 2 workers: 22 per worker, 2 batches of 8 each, 4 steps per epoch
     assert stopped["stopped"] and (state.epoch, state.batch_in_epoch, state.step, state.stage) == (1, 3, 7, 1)
     cfg.update(stop_after_steps=None, resume="auto")
+    capsys.readouterr()
     resumed = train(Config.model_validate(cfg))
+    assert "with a changed config: stop_after_steps: 7 -> None" in capsys.readouterr().out  # said, not silent
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "train/acc" in r] == [0, 1, 2]   # epoch 1 finished after resume
     assert resumed["steps"] == full["steps"] == 12
