@@ -91,11 +91,11 @@ def build_data(cfg: Config, pre: dict, rank: int, world_size: int, error_log: Op
                 d.batch_size, d.eval_batch_size or d.batch_size, d.num_workers)
 
 
-def class_weights(stream: ShardStream, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights normalised to mean 1, from the counts in dataset.json."""
+def class_weights(stream: ShardStream, num_classes: int, power: float = 1.0) -> torch.Tensor:
+    """Inverse-frequency weights (to the `power`) normalised to mean 1, from the counts in dataset.json."""
     counts = stream.source.class_counts
     if not counts:
         raise DataError("data.class_weights needs class counts from dataset.json")
     c = torch.tensor(counts, dtype=torch.float).clamp(min=1)
-    w = c.sum() / (num_classes * c)
+    w = (c.sum() / (num_classes * c)) ** power
     return w / w.mean()

@@ -60,6 +60,8 @@ class DataConfig(_Strict):
     on_error: Literal["error", "skip"] = "error"
     max_errors: int = Field(10, ge=0, description="with on_error=skip, stop after this many bad samples")
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
+    class_weight_power: float = Field(1.0, ge=0, le=1, description="weights = inverse frequency ** power; "
+                                      "0.5 (square root) is the softer choice for strong imbalance")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 

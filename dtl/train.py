@@ -187,7 +187,7 @@ def train(cfg: Config, on_epoch_end: Optional[Callable[[Accelerator, torch.nn.Mo
         scheduler.load_state_dict(state.scheduler)
         accelerator.print(f"resumed from {resume_from}: epoch {state.epoch}, batch {state.batch_in_epoch}, "
                           f"step {state.step}")
-    weights = class_weights(data.train, len(classes)).to(accelerator.device) if cfg.data.class_weights else None
+    weights = class_weights(data.train, len(classes), cfg.data.class_weight_power).to(accelerator.device) if cfg.data.class_weights else None
     criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing)
 
     # -- trackers ------------------------------------------------------------------------------

@@ -137,5 +137,7 @@ def test_class_weights_from_dataset_counts(tmp_path, shard_dir):
     w = class_weights(ShardStream(src, lambda i: i, StreamOptions(classes=list("abcd"))), 4)
     assert w.mean().item() == pytest.approx(1.0)
     assert w[2] / w[0] == pytest.approx(1508 / 106)          # inverse frequency
+    soft = class_weights(ShardStream(src, lambda i: i, StreamOptions(classes=list("abcd"))), 4, power=0.5)
+    assert soft[2] / soft[0] == pytest.approx((1508 / 106) ** 0.5)  # square root: softer
     summary, _ = _run(tmp_path, shard_dir, epochs=1, **{"data.class_weights": True})
     assert summary["test/samples"] == 15
