@@ -92,3 +92,26 @@ def test_dry_run_single_node_and_bad_environments():
     assert r.returncode == 2 and "launch/nope.yaml not found" in r.stderr
     r = _dry_run({})
     assert r.returncode == 2 and "nothing to train" in r.stderr
+
+
+@pytest.mark.timeout(300)
+def test_two_node_launch_on_one_machine_forms_one_group(tmp_path, shard_dir):
+    """What slurm/multi_node.sbatch runs on each node, for real: two `dtl launch` (node 0 and 1 of a
+    faked 2-node job on this machine) with launch/multi_node_ddp_bf16.yaml meet at the c10d
+    rendezvous and train as one 2-process group."""
+    from conftest import tiny_config, write_config
+
+    config = write_config(tmp_path / "mn.yaml", tiny_config(tmp_path, shard_dir, epochs=2))
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    port = 20000 + os.getpid() % 20000
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "dtl.cli", "launch", "--procs-per-node", "1", "--", "--config", str(config)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**base, "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1", "SLURM_NNODES": "2", "SLURM_NODEID": str(rank),
+             "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}) for rank in (0, 1)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "--machine_rank 0" in logs[0] and "--machine_rank 1" in logs[1]
+    assert "2 process(es) on cpu" in logs[0] and "mixed precision bf16" in logs[0]
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert '"test/samples": 15' in summary  # every test sample once across the two "nodes"
