@@ -36,7 +36,8 @@ dtl_train() {
   [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
   echo "dtl: job $(dtl_job_id) restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST} ($(date '+%F %T')): $config -> $run_dir"
   trap dtl_forward_usr1 USR1
-  srun "${srun_args[@]}" "${DTL_PYTHON:-python}" -m dtl.cli launch "${launch_args[@]}" -- \
+  # ${a[@]+"${a[@]}"}: an empty array under `set -u` is an error in bash < 4.4 (RHEL 7 login nodes)
+  srun "${srun_args[@]}" "${DTL_PYTHON:-python}" -m dtl.cli launch ${launch_args[@]+"${launch_args[@]}"} -- \
     --config "$config" "output_dir=$run_dir" "$@" &
   local pid=$! rc=0
   while true; do  # a trapped signal interrupts `wait`; keep waiting for the step itself
