@@ -1,4 +1,4 @@
-"""Stop cleanly on SIGUSR1/SIGTERM (Slurm preemption, time limit) and requeue under Slurm.
+"""Stop cleanly on SIGUSR1/SIGTERM (Slurm preemption, time limit, scancel) and requeue under Slurm.
 
 The handler only sets a flag; the training loop checks it after each optimizer step, writes a
 checkpoint and leaves. Ranks agree on the flag with one all-reduce, so they all stop at the same
@@ -7,6 +7,7 @@ step even when the signal reaches them at different moments.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,12 +36,34 @@ class PreemptionHandler:
         return bool(self.accelerator.reduce(t, "max"))
 
     def requeue(self) -> None:
-        """Under Slurm, put the job back in the queue; it resumes from the checkpoint on restart."""
+        """Under Slurm, put the job back in the queue; it resumes from the checkpoint on restart.
+
+        SIGUSR1 is the early warning the slurm/ scripts ask for (`--signal=B:USR1@120`): always
+        requeue. SIGTERM also comes from `scancel` and from the time limit, which must stay final
+        (a cancelled job that requeues itself cannot be stopped), so it requeues only a job that
+        Slurm marks PREEMPTED (PreemptMode=CANCEL; with REQUEUE Slurm requeues it itself).
+        """
         job = os.environ.get("SLURM_ARRAY_JOB_ID") and (
             f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}".rstrip("_"))
         job = job or os.environ.get("SLURM_JOB_ID")
         if not job or not self.accelerator.is_main_process or os.environ.get("DTL_NO_REQUEUE"):
             return
+        if self.received == signal.SIGTERM:
+            state = slurm_job_state(job)
+            if state != "PREEMPTED":
+                print(f"dtl: job {job} got SIGTERM while {state or 'in an unknown state'}: not requeued "
+                      f"(the checkpoint is there; submit again to continue)", file=sys.stderr, flush=True)
+                return
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         msg = "requeued" if result.returncode == 0 else f"requeue failed: {result.stderr.strip()}"
         print(f"dtl: job {job} {msg}", file=sys.stderr, flush=True)
+
+
+def slurm_job_state(job: str) -> str | None:
+    """JobState as slurmctld sees it now (CANCELLED, PREEMPTED, TIMEOUT, RUNNING, ...)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"\bJobState=(\S+)", out)
+    return m.group(1) if m else None

@@ -146,6 +146,35 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm, 
 
 
 @pytest.mark.timeout(300)
+def test_scancel_stops_with_a_checkpoint_and_is_not_requeued(slurm, long_shards, tmp_path):
+    """SIGTERM from `scancel` checkpoints like a preemption, but the job stays cancelled."""
+    cfg = tiny_config(tmp_path, long_shards, epochs=8, **{"data.batch_size": 4, "data.img_size": 40})
+    config = write_config(tmp_path / "job.yaml", cfg)
+    env = {**slurm, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "DTL_RUNS": str(tmp_path),
+           "DTL_ACCELERATE_CONFIG": "launch/cpu_2proc_gloo.yaml"}
+    name = _unique("dtl-cancel")
+    job = _sbatch(env, "--gpus-per-node=2", "--cpus-per-task=2", "--time=15", f"--job-name={name}",
+                  "slurm/one_node.sbatch", str(config))
+    run, log = tmp_path / f"{name}-{job}", REPO / "slurm" / "logs" / f"{name}-{job}.out"
+    try:
+        _wait(lambda: _last_step(run) >= 10, 120, "the job to train 10 steps")
+        subprocess.run(["scancel", job], env=env, check=True)
+        _wait(lambda: _job(env, job).get("JobState") == "CANCELLED" and "not requeued" in log.read_text(), 60,
+              "the job to end cancelled")
+        time.sleep(3)  # a requeue would show up here as PENDING with Restarts=1
+        info = _job(env, job)
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True)
+    text = log.read_text()
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), text[-2000:]
+    assert re.search(r"stopped at epoch \d+, batch \d+, step \d+: checkpoint written", text), text[-2000:]
+    # slurmctld reports the cancelled job as COMPLETING while its processes wind down
+    assert re.search(rf"job {job} got SIGTERM while (CANCELLED|COMPLETING): not requeued", text), text[-2000:]
+    assert list((run / "checkpoints").glob("ckpt-*"))  # the same command would continue from here
+    log.unlink()
+
+
+@pytest.mark.timeout(300)
 def test_sweep_array_trains_each_grid_point_in_its_own_run(slurm, shard_dir, tmp_path):
     cfg = tiny_config(tmp_path, shard_dir, epochs=1)
     config = write_config(tmp_path / "sweep.yaml", cfg)
