@@ -103,14 +103,14 @@ def layer_groups(model: nn.Module, granularity: str = "coarse", regexes: Optiona
     head_params = [n for n in names if n.startswith(head)]
     arch = getattr(model, "dtl_arch", "")
     if regexes:
-        parts, label = _by_regex(body, regexes), "regex"
+        parts = _by_regex(body, regexes)
     elif hasattr(model, "group_matcher") and not arch.startswith(TORCHVISION_PREFIX):
-        parts, label = _by_matcher(body, model.group_matcher(coarse=granularity == "coarse")), "timm"
+        parts = _by_matcher(body, model.group_matcher(coarse=granularity == "coarse"))
     elif (family := torchvision_family(arch)) is not None:
         coarse, fine = TORCHVISION_MATCHERS[family]
-        parts, label = _by_matcher(body, coarse if granularity == "coarse" else fine), family
+        parts = _by_matcher(body, coarse if granularity == "coarse" else fine)
     else:
-        parts, label = _by_child(model, body), "child"
+        parts = _by_child(model, body)
     groups = [LayerGroup(i, _group_name(p), p) for i, p in enumerate(q for q in parts if q)]
     groups.append(LayerGroup(len(groups), "head", head_params))
     return groups

@@ -29,7 +29,7 @@ import os
 import random
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, Iterator, Optional
 

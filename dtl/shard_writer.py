@@ -7,13 +7,12 @@ written last: its presence means the whole set of shards is complete.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import webdataset as wds
 

@@ -11,7 +11,6 @@ import torch.distributed as dist
 import yaml
 
 from dtl.backbones import read_state_dict
-from dtl.layer_groups import layer_groups
 from dtl.run_config import Config
 from dtl.train import train
 
@@ -23,7 +22,6 @@ report = []
 
 def check(accelerator, model, state):
     bare = accelerator.unwrap_model(model)
-    groups = layer_groups(bare)
     params = dict(bare.named_parameters())
     flat = torch.cat([p.detach().flatten() for p in params.values()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]

@@ -1,7 +1,6 @@
 """Run under `torchrun --nproc_per_node 2`: stream 2 epochs of a split with 2 workers per rank,
 all-reducing after every batch as DDP would; write the ids and step counts per rank."""
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -8,7 +8,6 @@ weights of an uninterrupted run, in the same W&B run.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
