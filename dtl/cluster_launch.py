@@ -79,13 +79,19 @@ class JobLayout:
         return len(self.nodes) * self.procs_per_node
 
 
-def job_layout(env: Mapping[str, str], accelerate_config: dict, procs_per_node: Optional[int] = None,
-               port: Optional[int] = None) -> JobLayout:
-    """Nodes, processes per node and rendezvous address of the current (or faked) Slurm job."""
+def job_nodes(env: Mapping[str, str]) -> list[str]:
+    """Host names of the job's nodes (this host alone outside Slurm)."""
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     nodes = expand_hostlist(nodelist) if nodelist else [env.get("HOSTNAME", "localhost")]
     if env.get("SLURM_NNODES") and int(env["SLURM_NNODES"]) != len(nodes):
         raise LaunchError(f"SLURM_NNODES={env['SLURM_NNODES']} but the node list {nodelist!r} names {len(nodes)}")
+    return nodes
+
+
+def job_layout(env: Mapping[str, str], accelerate_config: dict, procs_per_node: Optional[int] = None,
+               port: Optional[int] = None) -> JobLayout:
+    """Nodes, processes per node and rendezvous address of the current (or faked) Slurm job."""
+    nodes = job_nodes(env)
     if procs_per_node is None:
         gpus = gpus_per_node(env)
         procs_per_node = gpus if gpus > 0 else int(accelerate_config.get("num_processes", 1)) // max(
@@ -103,8 +109,8 @@ def job_layout(env: Mapping[str, str], accelerate_config: dict, procs_per_node: 
 def default_accelerate_config(num_nodes: int, env: Mapping[str, str]) -> Path:
     if num_nodes > 1:
         return LAUNCH_DIR / "multi_node_ddp_bf16.yaml"
-    return LAUNCH_DIR / ("node_ddp_bf16.yaml" if gpus_per_node(env) > 1 else
-                         "one_gpu.yaml" if gpus_per_node(env) == 1 else "cpu.yaml")
+    gpus = gpus_per_node(env)
+    return LAUNCH_DIR / ("node_ddp_bf16.yaml" if gpus > 1 else "one_gpu.yaml" if gpus == 1 else "cpu.yaml")
 
 
 def node_command(layout: JobLayout, node_rank: int, accelerate_config: Path, train_args: list[str]) -> list[str]:
@@ -141,9 +147,7 @@ def main(argv: Optional[list[str]] = None, env: Optional[Mapping[str, str]] = No
     try:
         if not train_args:
             raise LaunchError("nothing to train: give dtl/train.py's arguments after --")
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        num_nodes = len(expand_hostlist(nodelist)) if nodelist else 1
-        acc_path = args.accelerate_config or default_accelerate_config(num_nodes, env)
+        acc_path = args.accelerate_config or default_accelerate_config(len(job_nodes(env)), env)
         layout = job_layout(env, _read_accelerate_config(acc_path), args.procs_per_node, args.port)
         if args.dry_run:
             print(f"# {len(layout.nodes)} node(s) x {layout.procs_per_node} process(es); rendezvous "
