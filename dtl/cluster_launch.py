@@ -47,6 +47,8 @@ def expand_hostlist(spec: str) -> list[str]:
             continue
         for part in ranges.split(","):
             lo, _, hi = part.partition("-")
+            if not (lo.isdigit() and (hi or lo).isdigit()):
+                raise LaunchError(f"cannot read the node list {spec!r} (range {part!r})")
             for i in range(int(lo), int(hi or lo) + 1):
                 hosts.append(f"{prefix}{i:0{len(lo)}d}{suffix}")
     if not hosts:

@@ -91,6 +91,8 @@ def test_dry_run_single_node_and_bad_environments():
     assert r.returncode == 2 and "launch/nope.yaml not found" in r.stderr
     r = _dry_run({})
     assert r.returncode == 2 and "nothing to train" in r.stderr
+    r = _dry_run({"SLURM_JOB_NODELIST": "gpu[a-b]"}, "--", "--config", "c.yaml")
+    assert r.returncode == 2 and "cannot read the node list 'gpu[a-b]'" in r.stderr
 
 
 @pytest.mark.timeout(300)
