@@ -15,6 +15,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from dtl.user_errors import DtlError
+
 TORCHVISION_PREFIX = "torchvision/"
 
 # timm model -> (package, class with get_model_file_path()); the state dicts map positionally.
@@ -25,7 +27,7 @@ OFFLINE_WEIGHTS = {
 }
 
 
-class BackboneError(ValueError):
+class BackboneError(DtlError, ValueError):
     """Unknown backbone, unusable weights, or a head that cannot be replaced."""
 
 

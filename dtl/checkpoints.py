@@ -20,11 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dtl.user_errors import DtlError
+
 STATE_FILE = "train_state.json"
 _NAME = re.compile(r"^ckpt-(\d{8})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DtlError, ValueError):
     """A checkpoint or exported model does not belong to this run's model."""
 
 
@@ -35,8 +37,13 @@ class TrainState:
     batch_in_epoch: int = 0        # batches of `epoch` already consumed
     step: int = 0                  # optimizer steps so far
     stage: int = -1                # stage index applied to the model
-    best_metric: float = -1.0
-    best_epoch: int = -1
+    best_metric: Optional[float] = None   # the monitored validation value of best.safetensors
+    best_epoch: Optional[int] = None      # 0-based, as `epoch`; -1 is the probe; summary.json counts from 1
+    stale_epochs: int = 0          # epochs since the monitored value last improved (early stopping)
+    stopped_early: bool = False    # patience spent: the run is finished before `epochs`
+    probe_done: bool = False       # the LP-FT probe has trained the head
+    wall_time_s: float = 0.0       # the whole run's, across resumes and requeues
+    images_seen: int = 0           # training images, all ranks, across resumes
     wandb_run_id: Optional[str] = None
     identity: dict = field(default_factory=dict)   # backbone, classes, groups: checked on resume
     scheduler: dict = field(default_factory=dict)
@@ -142,7 +149,21 @@ def check_identity(saved: dict, current: dict, source: str) -> None:
     diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current[k]!r}"
              for k in current if saved.get(k) != current[k]]
     if diffs:
-        raise CheckpointError(f"{source} belongs to another model or dataset:\n  " + "\n  ".join(diffs))
+        raise CheckpointError(f"{source} belongs to another model or dataset: " + "; ".join(diffs))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _umask_mode(mode: int = 0o666) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def export_model(weights: nn.Module | dict[str, torch.Tensor], path: str | Path, meta: dict[str, Any]) -> None:
@@ -152,6 +173,7 @@ def export_model(weights: nn.Module | dict[str, torch.Tensor], path: str | Path,
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"dtl": json.dumps(meta)})
+    os.chmod(tmp, _umask_mode())  # as any file the user writes: teammates on a shared file system can read it
     os.replace(tmp, path)
 
 

@@ -1,10 +1,15 @@
-"""The `dtl` command: write shards, show a model's layer groups, predict, train, launch on Slurm."""
+"""The `dtl` command: write shards, show a model's layer groups, list config keys, predict, train,
+launch on Slurm. Exit codes: 0 done, 2 a problem with the input (one line names it), else a bug."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from typing import Optional
+
+from dtl.user_errors import DtlError, print_error
+
+EPILOG = "Exit codes: 0 done; 2 a problem with the input, named in one line; anything else is a bug in dtl."
 
 
 def _shards(args: argparse.Namespace) -> None:
@@ -30,19 +35,40 @@ def _groups(args: argparse.Namespace) -> None:
 
     model = create_classifier(args.model, args.num_classes, pretrained=False)
     groups = layer_groups(model, "fine" if args.fine else "coarse", args.regex or None)
-    print(f"{args.model}: {len(groups)} layer groups ({'fine' if args.fine else 'coarse'}), input -> head")
+    how = "by your regexes" if args.regex else ("fine" if args.fine else "coarse")
+    print(f"{args.model}: {len(groups)} layer groups ({how}), input -> head")
     print(describe_groups(model, groups))
 
 
-def _predict(args: argparse.Namespace) -> None:
+def _config(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from dtl.config_reference import format_reference
+
+    if args.template:
+        print((Path(__file__).resolve().parent.parent / "configs" / "own_data.yaml").read_text(), end="")
+    else:
+        print(format_reference())
+
+
+def _predict(args: argparse.Namespace) -> int:
     from dtl.predict import predict_files
 
+    failed = 0
     for r in predict_files(args.weights, args.images, args.top_k):
-        print(json.dumps(r))
+        print(json.dumps(r), flush=True)
+        failed += "error" in r
+    if failed:
+        print(f"dtl: error: {failed} of {len(args.images)} images could not be read (see their 'error')",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dtl", description="Distributed transfer learning of image classifiers.")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="dtl", description="Distributed transfer learning of image classifiers.",
+                                epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("shards", help="write WebDataset shards + dataset.json",
@@ -50,32 +76,48 @@ def build_parser() -> argparse.ArgumentParser:
     s_sub = s.add_subparsers(dest="source", required=True)
     for name, help_text in (("elpv", "the ELPV solar cells (pip package elpv-dataset)"),
                             ("imagefolder", "an ImageFolder tree: ROOT/CLASS/*.jpg or ROOT/{train,val,test}/CLASS/*.jpg")):
-        q = s_sub.add_parser(name, help=help_text, description=help_text)
+        q = s_sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt, epilog=EPILOG)
         if name == "imagefolder":
             q.add_argument("input", help="image folder root")
         q.add_argument("out", help="output folder for shards and dataset.json")
-        q.add_argument("--val", type=float, default=0.1, help="validation fraction (flat folders)")
-        q.add_argument("--test", type=float, default=0.2, help="test fraction (flat folders)")
+        q.add_argument("--val", type=float, default=0.1,
+                       help="validation fraction of a stratified split (ignored when the folder is pre-split)")
+        q.add_argument("--test", type=float, default=0.2,
+                       help="test fraction of a stratified split (ignored when the folder is pre-split)")
         q.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
         q.add_argument("--maxcount", type=int, default=128, help="samples per shard")
-    q = s_sub.add_parser("index", help="count shards written by another tool and write dataset.json")
+    q = s_sub.add_parser("index", help="count shards written by another tool and write dataset.json",
+                         description="Read shards written by another tool (webdataset, tar) to their end, count "
+                                     "their samples per class and write dataset.json; a damaged shard is an error "
+                                     "naming it.", formatter_class=fmt, epilog=EPILOG)
     q.add_argument("out", help="folder that will hold dataset.json (shard paths are relative to it)")
     q.add_argument("--split", action="append", required=True, help="NAME=PATTERN, e.g. train='train-{0000..0009}.tar'")
     q.add_argument("--classes", required=True, help="comma-separated class names, in label order")
     q.add_argument("--label-field", default="cls", help="cls, txt or json.FIELD")
 
-    g = sub.add_parser("groups", help="print a model's layer groups with parameter counts")
+    g = sub.add_parser("groups", help="print a model's layer groups with parameter counts", formatter_class=fmt,
+                       description="The layer groups the fine-tune plan unfreezes, input to head, with their "
+                                   "parameter counts and what each holds.", epilog=EPILOG)
     g.add_argument("model", help="timm name or torchvision/NAME")
     g.add_argument("--fine", action="store_true", help="fine groups (timm group_matcher coarse=False)")
-    g.add_argument("--regex", action="append", help="group by these regexes instead (repeatable)")
-    g.add_argument("--num-classes", type=int, default=2)
+    g.add_argument("--regex", action="append", help="group by these regexes instead (repeatable, input to head)")
+    g.add_argument("--num-classes", type=int, default=2, help="classes of the head (changes only the head's size)")
 
-    r = sub.add_parser("predict", help="classify images with an exported model.safetensors")
-    r.add_argument("weights")
-    r.add_argument("images", nargs="+")
-    r.add_argument("--top-k", type=int, default=1)
+    c = sub.add_parser("config", help="list every config key with its default and description",
+                       description="Every key of a run config, its default and what it does (override any "
+                                   "with KEY=VALUE); --template prints a commented config for your own data.",
+                       epilog=EPILOG)
+    c.add_argument("--template", action="store_true", help="print a commented config for your own shards")
 
-    sub.add_parser("train", help="same as dtl/train.py (single process unless launched by accelerate)",
+    r = sub.add_parser("predict", help="classify images with an exported model.safetensors", formatter_class=fmt,
+                       description="Classify images with an exported model (no training config needed); one JSON "
+                                   "line per image. An unreadable image gets an 'error' line, the rest are still "
+                                   "classified, and the exit code is 2.", epilog=EPILOG)
+    r.add_argument("weights", help="model.safetensors or best.safetensors written by a dtl run")
+    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("--top-k", type=int, default=1, help="how many classes to list per image, most probable first")
+
+    sub.add_parser("train", help="train in one process (dtl/train.py's arguments; see `dtl train --help`)",
                    add_help=False)
     sub.add_parser("launch", help="accelerate launch for this node of a Slurm job (--dry-run: every node's)",
                    add_help=False)
@@ -92,11 +134,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return launch_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        {"shards": _shards, "groups": _groups, "predict": _predict}[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
-        print(f"dtl: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return {"shards": _shards, "groups": _groups, "config": _config,
+                "predict": _predict}[args.command](args) or 0
+    except DtlError as e:
+        return print_error(e)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,14 @@ from typing import Mapping, Optional
 
 import yaml
 
+from dtl.user_errors import DtlError
+
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_DIR = REPO / "launch"
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(DtlError, RuntimeError):
     """The Slurm environment or the launch arguments do not describe a runnable job."""
 
 

@@ -1,30 +1,51 @@
 """From the data config to per-rank loaders: prepare shards if asked, resolve splits, transforms."""
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from dtl.dataset_index import DataError, has_split, read_index, resolve_classes, split_source
 from dtl.run_config import AugmentConfig, Config, DataConfig
-from dtl.shard_stream import (DataError, ShardStream, SplitSource, StreamOptions, batches_per_epoch,
-                              make_loader, read_index, split_source)
+from dtl.shard_stream import ShardStream, StreamOptions, batches_per_epoch, make_loader
+
+DROP_WARN_FRACTION = 0.05
 
 
 def prepare_shards(cfg: DataConfig, seed: int) -> None:
-    """Write shards into `cfg.root` when asked to and not yet done (dataset.json marks done)."""
+    """Write shards into `cfg.root` when asked to and not yet done (dataset.json marks done).
+
+    Only into a missing or empty folder: a mistyped `data.root` that points at a folder of the
+    user's own files must not receive ELPV shards (and train on solar cells) without a word.
+    """
     if cfg.prepare == "none" or read_index(cfg.root) is not None:
         return
+    root = Path(cfg.root)
+    if "://" in cfg.root or cfg.root.startswith("pipe:"):
+        raise DataError(f"data.prepare={cfg.prepare} writes local folders; data.root={cfg.root} is a URL")
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(f"data.root={cfg.root} is not empty and holds no dataset.json: data.prepare="
+                        f"{cfg.prepare} writes only into a missing or empty folder (is data.root mistyped? "
+                        f"for shards written elsewhere set data.prepare=none)")
+    if cfg.prepare == "imagefolder" and not cfg.source:
+        raise DataError("data.prepare=imagefolder needs data.source (the image folder)")
     from dtl import shard_writer
 
     kwargs = dict(val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed,
                   maxcount=cfg.shard_maxcount)
+    # Written next to `root` and renamed into place: a prepare killed half-way leaves no half-set.
+    partial = root.with_name(f".{root.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
     if cfg.prepare == "elpv":
-        shard_writer.write_elpv(cfg.root, **kwargs)
+        shard_writer.write_elpv(partial, **kwargs)
     else:
-        if not cfg.source:
-            raise DataError("data.prepare=imagefolder needs data.source (the image folder)")
-        shard_writer.write_imagefolder(cfg.source, cfg.root, **kwargs)
+        shard_writer.write_imagefolder(cfg.source, partial, **kwargs)
+    os.replace(partial, root)
 
 
 def build_transform(pre: dict, train: bool, aug: AugmentConfig) -> Callable:
@@ -59,35 +80,55 @@ class Data:
         return batches_per_epoch(self.train, self.batch_size)
 
 
-def resolve_classes(d: DataConfig, index: Optional[dict]) -> list[str]:
-    """Class names from the config or dataset.json; they must agree when both are given."""
-    classes = d.classes or (index or {}).get("classes")
-    if not classes:
-        raise DataError(f"no class names: {d.root}/dataset.json is missing and data.classes is not set")
-    if index and d.classes and d.classes != index["classes"]:
-        raise DataError(f"data.classes {d.classes} differ from {d.root}/dataset.json {index['classes']}")
-    return classes
+def run_classes(d: DataConfig) -> list[str]:
+    """The run's class list, resolved once and handed to both the model and `build_data`."""
+    return resolve_classes(d.root, d.classes, read_index(d.root))
 
 
-def build_data(cfg: Config, pre: dict, rank: int, world_size: int, error_log: Optional[str]) -> Data:
+def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size: int,
+               error_log: Optional[str]) -> Data:
     d = cfg.data
     index = read_index(d.root)
-    classes = resolve_classes(d, index)
     size = pre["input_size"][-1]
 
     def stream(split: Optional[str], train: bool) -> Optional[ShardStream]:
-        if split is None or (split not in d.shards and (index is None or split not in index["splits"])):
+        if not has_split(split, index, d.shards):
             if train:
                 split_source(d.root, split or "train", index, d.shards, d.samples)  # raises, naming the split
             return None
-        source: SplitSource = split_source(d.root, split, index, d.shards, d.samples)
+        source = split_source(d.root, split, index, d.shards, d.samples)
         opts = StreamOptions(classes=classes, label_field=d.label_field, train=train, seed=cfg.seed,
                              shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, max_errors=d.max_errors,
                              draft_size=size, error_log=error_log)
         return ShardStream(source, build_transform(pre, train, d.augment), opts, rank, world_size, d.num_workers)
 
-    return Data(classes, stream(d.train_split, True), stream(d.val_split, False), stream(d.test_split, False),
+    data = Data(classes, stream(d.train_split, True), stream(d.val_split, False), stream(d.test_split, False),
                 d.batch_size, d.eval_batch_size or d.batch_size, d.num_workers)
+    if rank == 0:
+        warn_dropped_samples(data.train, d.batch_size, world_size)
+    return data
+
+
+def dropped_per_epoch(total: int, slots: int, batch_size: int, workers: int) -> int:
+    """Training samples an epoch leaves out: each rank x worker slot delivers whole batches only."""
+    per_slot = total // slots
+    return total - slots * (per_slot // batch_size) * batch_size
+
+
+def warn_dropped_samples(stream: ShardStream, batch_size: int, world_size: int) -> None:
+    """Say so when more than a few percent of the training split never reaches the model."""
+    total, workers = stream.source.total, stream.num_workers
+    dropped = dropped_per_epoch(total, world_size * workers, batch_size, workers)
+    if dropped <= DROP_WARN_FRACTION * total:
+        return
+    options = {w: dropped_per_epoch(total, world_size * w, batch_size, w) for w in range(1, workers + 1)}
+    best = min(options, key=lambda w: (options[w], -w))
+    hint = (f"data.num_workers={best} drops {options[best]}" if best != workers
+            else "a smaller data.batch_size drops fewer")
+    warnings.warn(f"split {stream.source.name!r}: {dropped} of {total} training samples ({dropped / total:.0%}) "
+                  f"are left out of every epoch: each of {world_size} rank(s) x {workers} worker(s) "
+                  f"reads {total // (world_size * workers)} samples and delivers only whole batches of "
+                  f"{batch_size}; {hint}", stacklevel=2)
 
 
 def class_weights(stream: ShardStream, num_classes: int, power: float = 1.0) -> torch.Tensor:

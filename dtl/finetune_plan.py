@@ -1,7 +1,9 @@
 """The fine-tune plan: which layer groups train in which epoch, and at what learning rate.
 
 Freezing is `requires_grad=False` (no gradient, so no optimizer state) plus eval-mode BatchNorm
-in frozen groups, re-applied after every `model.train()` because that call undoes it.
+in frozen groups, re-applied after every `model.train()` because that call undoes it. Under FSDP
+every parameter requires grad and a frozen group is one whose learning rate is 0 (see
+`parallel_strategy`).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Optional
 from torch import nn
 
 from dtl.layer_groups import LayerGroup
-from dtl.run_config import FinetuneConfig, StageConfig
+from dtl.run_config import ConfigError, FinetuneConfig, StageConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class FinetunePlan:
     def _group_lrs(cfg: FinetuneConfig, n: int, head_lr: float) -> list[float]:
         if cfg.group_lrs is not None:
             if len(cfg.group_lrs) != n:
-                raise ValueError(f"finetune.group_lrs has {len(cfg.group_lrs)} values, the model has {n} "
+                raise ConfigError(f"finetune.group_lrs has {len(cfg.group_lrs)} values, the model has {n} "
                                  f"layer groups (see `dtl groups MODEL`)")
             return list(cfg.group_lrs)
         if cfg.lr_range is not None:

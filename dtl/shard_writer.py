@@ -7,7 +7,6 @@ written last: its presence means the whole set of shards is complete.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -16,8 +15,8 @@ from typing import Optional
 
 import webdataset as wds
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-INDEX_NAME = "dataset.json"
+from dtl.dataset_index import (IMAGE_EXTENSIONS, INDEX_NAME, DataError, add_split,  # noqa: F401
+                               new_index, write_index)
 
 
 @dataclass(frozen=True)
@@ -71,18 +70,15 @@ def write_dataset(splits: dict[str, list[Record]], classes: list[str], out_dir: 
     """Write every split as shards and then the index; returns the index."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    index: dict = {"format": "dtl-webdataset/1", "source": source, "classes": classes, "splits": {}}
+    index = new_index(classes, source)
     for split, records in splits.items():
         if not records:
             continue
         counts = [0] * len(classes)
         for r in records:
             counts[r.label] += 1
-        index["splits"][split] = {"shards": _write_split(records, out, split, maxcount),
-                                  "count": len(records), "class_counts": counts}
-    tmp = out / f".{INDEX_NAME}.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out / INDEX_NAME)
+        add_split(index, split, _write_split(records, out, split, maxcount), counts)
+    write_index(out, index)
     return index
 
 
@@ -90,26 +86,47 @@ def _safe_key(text: str) -> str:
     return text.replace(".", "_").replace("/", "_").replace(" ", "_")
 
 
+def unique_keys(paths: list[Path], root: Path) -> list[str]:
+    """A sample key per file, unique within the dataset.
+
+    The key is the relative path without extension, with '.', '/' and ' ' made '_'. Files that
+    would share one (`a/img0.png` and `a/img0.jpg`, `my img.png` and `my_img.png`) keep their
+    extension, then a counter: every image stays a sample of its own.
+    """
+    base = [_safe_key(str(p.relative_to(root).with_suffix(""))) for p in paths]
+    clashes = {k for k in base if base.count(k) > 1} if len(set(base)) != len(base) else set()
+    keys, used = [], set()
+    for p, k in zip(paths, base):
+        if k in clashes:
+            k = f"{k}_{p.suffix.lstrip('.').lower()}" if p.suffix else k
+        key, n = k, 1
+        while key in used:
+            key, n = f"{k}_{n}", n + 1
+        used.add(key)
+        keys.append(key)
+    return keys
+
+
 def imagefolder_records(root: Path, classes: Optional[list[str]] = None) -> tuple[list[Record], list[str]]:
     """`root/CLASS/*.jpg` -> records; class indices follow sorted folder names, as torchvision does."""
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise DataError(f"image folder not found: {root}")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     classes = classes or found
     if not classes:
-        raise ValueError(f"{root}: no class sub-folders (expected {root}/CLASS/IMAGE.jpg)")
+        raise DataError(f"{root}: no class sub-folders (expected {root}/CLASS/IMAGE.jpg)")
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"{root}: folders {unknown} are not among the classes {classes}")
-    records = []
+        raise DataError(f"{root}: folders {unknown} are not among the classes {classes}")
+    found_files = []
     for label, name in enumerate(classes):
         for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTS and path.is_file():
-                rel = path.relative_to(root).with_suffix("")
-                records.append(Record(_safe_key(str(rel)), path, label))
-    if not records:
-        raise ValueError(f"{root}: no images with extensions {IMAGE_EXTS}")
-    return records, classes
+            if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and path.is_file():
+                found_files.append((path, label))
+    if not found_files:
+        raise DataError(f"{root}: no images with extensions {IMAGE_EXTENSIONS}")
+    keys = unique_keys([p for p, _ in found_files], root)
+    return [Record(k, p, label) for k, (p, label) in zip(keys, found_files)], classes
 
 
 def write_imagefolder(root: str | Path, out_dir: str | Path, val_fraction: float = 0.1,
@@ -137,7 +154,7 @@ def elpv_records() -> list[Record]:
     try:
         import elpv_dataset
     except ImportError as e:
-        raise ImportError("prepare=elpv needs the quickstart extra: pip install -e '.[quickstart]'") from e
+        raise DataError("prepare=elpv needs the quickstart extra: pip install -e '.[quickstart]'") from e
     data_dir = Path(elpv_dataset.__file__).parent / "data"
     records = []
     with open(data_dir / "labels.csv") as f:
@@ -156,22 +173,33 @@ def write_elpv(out_dir: str | Path, val_fraction: float = 0.1, test_fraction: fl
 
 def index_shards(out_dir: str | Path, split_patterns: dict[str, str], classes: list[str],
                  label_field: str = "cls") -> dict:
-    """Count the samples of shards written by another tool and write `dataset.json` for them."""
+    """Count the samples of shards written by another tool and write `dataset.json` for them.
+
+    Every shard is read to its end-of-archive marker: one cut short, even exactly at a member
+    boundary, is an error naming the shard, never a smaller count.
+    """
     from dtl.shard_stream import expand_shards, iter_tar_samples, read_label
 
     out = Path(out_dir)
-    index: dict = {"format": "dtl-webdataset/1", "source": "indexed", "classes": classes, "splits": {}}
+    index = new_index(classes, "indexed")
     for split, pattern in split_patterns.items():
         shards, counts = [], [0] * len(classes)
         for url in expand_shards(pattern, base=str(out)):
-            n = 0
-            for sample in iter_tar_samples(url):
-                try:
-                    counts[read_label(sample, label_field, len(classes), classes)] += 1
-                except ValueError as e:
-                    raise ValueError(f"shard {url}, sample {sample['__key__']}: {e}") from None
-                n += 1
+            n, key = 0, None
+            try:
+                for sample in iter_tar_samples(url):
+                    key = sample["__key__"]
+                    try:
+                        counts[read_label(sample, label_field, len(classes), classes)] += 1
+                    except ValueError as e:
+                        raise DataError(f"shard {url}, sample {key}: {e}") from None
+                    n += 1
+            except DataError:
+                raise
+            except Exception as e:
+                raise DataError(f"shard {url}: unreadable after {n} samples (last {key}): "
+                                f"{type(e).__name__}: {e}") from None
             shards.append({"name": os.path.relpath(url, out) if "://" not in url else url, "count": n})
-        index["splits"][split] = {"shards": shards, "count": sum(s["count"] for s in shards), "class_counts": counts}
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=1))
+        add_split(index, split, shards, counts)
+    write_index(out, index)
     return index

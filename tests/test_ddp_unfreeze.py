@@ -39,6 +39,7 @@ def test_stage_changes_rebuild_ddp_and_keep_ranks_bitwise_equal(tmp_path, shard_
     for r in report:
         assert r["wrapped"], "not a real DDP run"
         assert r["equal_across_ranks"], r
+        assert r["bn_buffers_equal_across_ranks"], r  # averaged before evaluation and checkpoint
         assert r["frozen_equal_pretrained"], r
         assert r["ddp_params"] == r["trainable"]      # the wrapper covers exactly the trainable params
         assert r["models_tracked"] == 1               # the old wrapper is gone from accelerate's books

@@ -177,7 +177,7 @@ def test_corrupt_data_error_names_shard_and_key_and_skip_counts(shard_dir, tmp_p
     if key:
         assert key["k"] in str(e.value)
     log = tmp_path / "bad.jsonl"
-    stream = _stream(root, train=True, on_error="skip", max_errors=3, error_log=str(log))
+    stream = _stream(root, train=True, on_error="skip", max_errors=8, error_log=str(log))  # a cut shard loses 4
     with pytest.warns(UserWarning, match="skipped"):
         ids = _ids(stream, batch_size=1)
     assert len(ids) == stream.source.total             # skipped samples are replaced, the step count holds

@@ -93,5 +93,5 @@ def test_trains_from_shards_served_over_http(shard_dir, tmp_path):
 
     with http_server(shard_dir) as url:
         cfg = tiny_config(tmp_path, shard_dir, epochs=1, **{"data.root": url})
-        summary = train(Config.model_validate(cfg))
+        summary = train(Config.model_validate(cfg)).summary
     assert summary["test/samples"] == 15 and summary["steps"] > 0

@@ -1,0 +1,156 @@
+"""The ends of a run: the best model so far, the final test and export, a stop, a run already done.
+
+Every function here is called on every rank: exports gather weights under FSDP.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from dtl import checkpoints as ckpt
+from dtl.evaluation import EvalResult, evaluate
+from dtl.run_config import Config
+
+
+@dataclass
+class RunResult:
+    """What `train()` returns, whether the run finished, stopped, or was already complete."""
+    status: str                    # "finished", "stopped" (checkpointed; the same command continues), "complete"
+    steps: int
+    epoch: int
+    summary: dict = field(default_factory=dict)   # summary.json's content when finished or complete
+
+    @property
+    def stopped(self) -> bool:
+        return self.status == "stopped"
+
+
+def evaluate_split(run, split: str) -> Optional[EvalResult]:
+    """Evaluate the `val` or `test` split (None when the dataset has none) and announce the result."""
+    stream = {"val": run.data.val, "test": run.data.test, "test_final": run.data.test}[split]
+    if stream is None:
+        return None
+    result = evaluate(run.accelerator, run.strategy, run.model, run.data, stream, len(run.classes), split,
+                      run.pre["input_size"], tta=run.cfg.eval.tta)
+    run.events.eval_end(run, split, result)
+    return result
+
+
+def export_meta(run) -> dict:
+    return {"backbone": run.cfg.model.backbone, "classes": run.classes, "preprocessing": run.pre,
+            "epoch": run.state.epoch, "step": run.state.step, "format": "dtl-classifier/1"}
+
+
+def export(run, name: str) -> None:
+    """`output_dir/NAME` as safetensors with everything prediction needs; every rank calls it."""
+    state_dict = run.strategy.full_state_dict(run.model)
+    if run.accelerator.is_main_process:
+        ckpt.export_model(state_dict, run.out / name, export_meta(run))
+
+
+def update_best(run, epoch: int, val_metrics: Optional[dict]) -> None:
+    """Export `best.safetensors` when the monitored validation value improves (`epoch` -1: the
+    probe). Validation metrics are reduced, so every rank decides the same."""
+    if val_metrics is None:
+        return
+    state, value = run.state, val_metrics[run.monitor_key]
+    if state.best_metric is None or run.monitor_sign * value > run.monitor_sign * state.best_metric:
+        state.best_metric, state.best_epoch, state.stale_epochs = value, epoch, 0
+        export(run, "best.safetensors")
+    else:
+        state.stale_epochs += 1
+
+
+def epoch_record(run, stats, val: Optional[EvalResult]) -> dict:
+    """What metrics.jsonl and W&B get for an epoch."""
+    record = {"train/loss": stats.loss, "train/acc": stats.acc, "stage": run.state.stage,
+              "trainable_params": run.strategy.count_trainable(run.model, run.plan, run.stage),
+              "epoch_time_s": stats.seconds, "train/img_per_s": stats.images / max(1e-9, stats.seconds),
+              **stats.lrs}
+    if val is not None:
+        record.update({f"val/{k}": v for k, v in val.metrics.items()})
+    return record
+
+
+def _test_best(run, final: Optional[EvalResult]) -> Optional[EvalResult]:
+    """Test the selected weights (best.safetensors), when they are not the final ones."""
+    state = run.state
+    last = run.state.epoch - 1
+    if final is None or state.best_epoch is None or state.best_epoch == last or run.strategy.sharded:
+        return final  # FSDP: the sharded model cannot take a full state dict here; final weights reported
+    net = run.accelerator.unwrap_model(run.model)
+    net.load_state_dict(ckpt.load_file(str(run.out / "best.safetensors")))
+    return evaluate_split(run, "test")
+
+
+def finish(run, val: Optional[EvalResult]) -> RunResult:
+    """Test, export, write summary.json; `val` is the last epoch's (evaluated again only if this
+    process trained no epoch, e.g. resumed from the last epoch's checkpoint).
+
+    `test/*` are the selected weights' (best.safetensors, by `checkpoint.monitor`);
+    `test_final/*` the final weights' (model.safetensors) when they differ.
+    """
+    state = run.state
+    if val is None:
+        val = evaluate_split(run, "val")
+    final = evaluate_split(run, "test_final" if state.best_epoch not in (None, state.epoch - 1) else "test")
+    export(run, "model.safetensors")
+    test = _test_best(run, final)
+    key = run.monitor_key
+    summary: dict = {"epochs": run.cfg.epochs, "epochs_trained": state.epoch, "steps": state.step,
+                     "best_epoch": state.best_epoch + 1 if state.best_epoch is not None else None,  # as printed
+                     "monitor": run.cfg.checkpoint.monitor, f"val/best_{key}": state.best_metric,
+                     "wall_time_s": run.wall_time(), "train/images": state.images_seen}
+    if val is not None:
+        summary.update({f"val/{k}": v for k, v in val.metrics.items()})
+    if test is not None:
+        summary.update({f"test/{k}": v for k, v in test.metrics.items()})
+        summary["test/confusion"] = test.confusion.tolist()
+    if final is not None and final is not test:
+        summary.update({f"test_final/{k}": v for k, v in final.metrics.items()})
+    if run.accelerator.is_main_process:
+        ckpt.write_text_atomic(run.out / "summary.json", json.dumps(summary, indent=1))
+    result = RunResult("finished", state.step, state.epoch, summary)
+    run.events.fit_end(run, result)
+    run.accelerator.end_training()
+    return result
+
+
+def stop(run) -> RunResult:
+    """Checkpoint where we are and leave; under Slurm a preempted job is requeued."""
+    run.save_checkpoint()
+    result = RunResult("stopped", run.state.step, run.state.epoch)
+    run.events.fit_end(run, result)
+    run.accelerator.end_training()
+    if run.preempt.received is not None:
+        run.preempt.requeue()
+    return result
+
+
+def completed_run(cfg: Config) -> Optional[RunResult]:
+    """A rerun of a finished run: say so and change nothing (no training, no new W&B run).
+
+    Finished means: summary.json is there and the latest checkpoint is at or past `epochs`, of
+    the same backbone (another backbone goes on to be refused by the identity check).
+    """
+    out = Path(cfg.output_dir)
+    latest = ckpt.latest_checkpoint(out / "checkpoints") if cfg.resume != "never" else None
+    if latest is None or not (out / "summary.json").is_file():
+        return None
+    state = ckpt.read_train_state(latest)
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except ValueError:
+        return None
+    if (state.epoch < cfg.epochs and not state.stopped_early) or state.batch_in_epoch or state.identity.get("backbone") != cfg.model.backbone \
+            or summary.get("steps") != state.step:
+        return None
+    if int(os.environ.get("RANK", "0")) == 0:
+        test = f"test acc {summary['test/acc']:.4f}, " if "test/acc" in summary else ""
+        print(f"dtl: {out} is a finished run ({state.epoch} epochs, {test}{state.step} steps): nothing to do. "
+              f"Its results are in {out / 'summary.json'}; train more with a higher epochs=, or use another "
+              f"output_dir for a new run.", flush=True)
+    return RunResult("complete", state.step, state.epoch, summary)

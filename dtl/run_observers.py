@@ -1,0 +1,163 @@
+"""The observers every run has: metrics.jsonl, the console, and accelerate's W&B tracker.
+
+Each one is attached to the event seam (`run_events`); none is called from the loop.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from dtl.classification_metrics import format_confusion
+from dtl.run_config import Config
+from dtl.run_events import Observer
+
+
+def numeric(record: dict[str, Any]) -> dict[str, Any]:
+    """The scalar items of a record (what metrics files and W&B rows hold)."""
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MetricsFile(Observer):
+    """One JSON object per logged step, per epoch and at the end, appended to `metrics.jsonl`,
+    so a resumed run continues the file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    def step_end(self, run, record: dict) -> None:
+        self.write({"step": run.state.step, "epoch": run.state.epoch, **record})
+
+    epoch_end = step_end
+    probe_end = step_end
+
+    def fit_end(self, run, result) -> None:
+        if result.status == "finished":
+            self.write({"step": run.state.step, "epoch": run.state.epoch, **numeric(result.summary)})
+
+
+class Console(Observer):
+    """What a person watching the job log reads: the setup, one line per epoch, the test result."""
+
+    def run_start(self, run) -> None:
+        cfg, acc, state = run.cfg, run.accelerator, run.state
+        if run.resumed_from is not None:
+            print(f"resumed from {run.resumed_from}: epoch {state.epoch}, batch {state.batch_in_epoch}, "
+                  f"step {state.step}")
+        print(f"dtl: {cfg.model.backbone} ({sum(p.numel() for p in run.model.parameters()):,} params), "
+              f"{len(run.classes)} classes, {acc.num_processes} process(es) on {acc.device} "
+              f"({acc.distributed_type.value}), mixed precision {acc.mixed_precision}")
+        print(f"data: {run.data.train.source.total} train samples, {run.steps_per_epoch} steps/epoch of "
+              f"{cfg.data.batch_size} x {acc.num_processes} x {cfg.optim.grad_accum_steps}; "
+              f"input {run.pre['input_size'][1:]}")
+        print(run.plan.describe(), flush=True)
+
+    def stage_start(self, run, stage, n_trainable: int) -> None:
+        n = len(run.plan.groups)
+        print(f"epoch {run.state.epoch + 1}: stage {stage.index} - training {n - stage.first_group}/{n} groups, "
+              f"{n_trainable:,} parameters", flush=True)
+
+    def epoch_end(self, run, record: dict) -> None:
+        line = (f"epoch {run.state.epoch + 1}/{run.cfg.epochs} stage {record['stage']} | "
+                f"train loss {record['train/loss']:.4f} acc {record['train/acc']:.3f}")
+        if "val/acc" in record:
+            line += f" | val loss {record['val/loss']:.4f} acc {record['val/acc']:.3f} f1 {record['val/macro_f1']:.3f}"
+        print(line + f" | {record['train/img_per_s']:.1f} img/s | {record['epoch_time_s']:.0f}s", flush=True)
+
+    def eval_end(self, run, split: str, result) -> None:
+        m = result.metrics
+        line = f"acc {m['acc']:.4f}  macro-F1 {m['macro_f1']:.4f}  balanced acc {m['balanced_acc']:.4f}  " \
+               f"({m['samples']} samples)"
+        if split == "test_final":
+            print(f"test (final weights, model.safetensors): {line}", flush=True)
+        elif split == "test":
+            best = run.state.best_epoch
+            which = "" if best is None or best == run.state.epoch - 1 else \
+                f"  [best.safetensors: {'the probe' if best < 0 else f'epoch {best + 1}'}, by {run.cfg.checkpoint.monitor}]"
+            print(f"test: {line}{which}")
+            print(format_confusion(result.confusion, run.classes), flush=True)
+
+    def probe_end(self, run, record: dict) -> None:
+        print(f"probe (LP-FT): head on cached features of {record['probe/train_rows']} rows, "
+              f"{record['probe/epochs']} epochs (best {record['probe/best_epoch']}) | val loss "
+              f"{record['val/loss']:.4f} acc {record['val/acc']:.3f} f1 {record['val/macro_f1']:.3f} | "
+              f"features {record['probe/features_s']:.0f}s, head {record['probe/train_s']:.1f}s", flush=True)
+
+    def fit_end(self, run, result) -> None:
+        if result.status == "stopped":
+            print(f"stopped at epoch {result.epoch}, batch {run.state.batch_in_epoch}, step {result.steps}: "
+                  f"checkpoint written; the same command continues from it", flush=True)
+
+
+def wandb_settings(cfg: Config, output_dir: Path, run_id: str) -> Optional[dict]:
+    """init_kwargs for accelerate's wandb tracker, or None when W&B is off.
+
+    Offline unless the user asked for online (config or WANDB_MODE): offline writes a real run
+    under `output_dir/wandb` that `wandb sync` uploads later. The run id is kept in the
+    checkpoint so a resumed or requeued job continues the same W&B run.
+    """
+    mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
+    if not cfg.wandb.enabled or mode == "disabled":
+        return None
+    return {"wandb": {"dir": str(output_dir), "mode": mode, "id": run_id, "resume": "allow",
+                      "name": cfg.wandb.name or output_dir.name, "entity": cfg.wandb.entity, "group": cfg.wandb.group,
+                      "tags": cfg.wandb.tags}}
+
+
+class StepRows:
+    """Sends the trackers one row per optimizer step.
+
+    A step's loss, its epoch's validation metrics and the run's final numbers all carry the same
+    step. W&B keeps one history row per step and may already have written the row when a second
+    log for that step arrives, and then drops it (seen here as a flaky missing `val/acc`), so
+    records of one step are merged here and sent once the step moves on (or at `flush`).
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.step: Optional[int] = None
+        self.row: dict[str, Any] = {}
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if self.step is not None and step != self.step:
+            self.flush()
+        self.step = step
+        self.row.update(record)
+
+    def flush(self) -> None:
+        if self.row:
+            self.accelerator.log(self.row, step=self.step)
+            self.row = {}
+
+
+class WandbTracker(Observer):
+    """The run in W&B through accelerate's tracker: config, one row per step, the final summary."""
+
+    def __init__(self, init_kwargs: dict):
+        self.init_kwargs = init_kwargs
+        self.rows: Optional[StepRows] = None
+
+    def run_start(self, run) -> None:
+        run.accelerator.init_trackers(run.cfg.wandb.project, config=run.cfg.model_dump(mode="json"),
+                                      init_kwargs=self.init_kwargs)
+        self.rows = StepRows(run.accelerator)
+        (run.out / "wandb_run_id").write_text(run.state.wandb_run_id or "")
+
+    def step_end(self, run, record: dict) -> None:
+        self.rows.log(numeric(record), run.state.step)
+
+    epoch_end = step_end
+    probe_end = step_end
+
+    def fit_end(self, run, result) -> None:
+        if result.status == "finished":
+            self.rows.log(numeric(result.summary), run.state.step)
+        self.rows.flush()
+        if result.status == "finished":
+            run.accelerator.get_tracker("wandb", unwrap=True).summary.update(numeric(result.summary))

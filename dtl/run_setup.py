@@ -1,0 +1,210 @@
+"""Build a run from its config: accelerate, output directory, model, data, plan, optimizer, observers.
+
+Order matters for the run directory's promises: nothing is written into `output_dir` until the
+checkpoint to resume from (if any) is known to belong to this model, classes and grouping.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from dtl import checkpoints as ckpt
+from dtl.backbones import create_classifier, preprocessing
+from dtl.cpu_threads import configure_cpu_threads
+from dtl.data_pipeline import Data, build_data, class_weights, prepare_shards, run_classes
+from dtl.dataset_index import DataError
+from dtl.finetune_plan import FinetunePlan, Stage
+from dtl.layer_groups import layer_groups
+from dtl.optimization import build_optimizer, build_scheduler
+from dtl.parallel_strategy import ParallelStrategy, create_accelerator
+from dtl.preemption import PreemptionHandler
+from dtl.run_config import Config, config_changes, dump_config
+from dtl.run_events import Events, Observer
+from dtl.run_observers import Console, MetricsFile, WandbTracker, wandb_settings
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; `train()` tells its story over it."""
+    cfg: Config
+    out: Path
+    accelerator: Accelerator
+    strategy: ParallelStrategy
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    criterion: nn.Module
+    data: Data
+    classes: list[str]
+    plan: FinetunePlan
+    pre: dict                      # the backbone's preprocessing (input size, mean/std, crop)
+    state: ckpt.TrainState         # what a checkpoint saves: epoch, batch, step, stage, best, ...
+    events: Events
+    preempt: PreemptionHandler
+    steps_per_epoch: int
+    batches_per_epoch: int         # steps_per_epoch x grad_accum_steps, equal on every rank
+    resumed_from: Optional[Path]
+    started: float                 # time.time() when this process started the run
+    wall_before: float             # wall time spent by earlier processes of the run (resumes)
+
+    @property
+    def monitor_key(self) -> str:
+        """The metric key (in an `EvalResult`'s metrics) that `checkpoint.monitor` names."""
+        return self.cfg.checkpoint.monitor.split("/", 1)[1]
+
+    @property
+    def monitor_sign(self) -> float:
+        """+1 when larger is better, -1 when smaller is."""
+        mode = self.cfg.checkpoint.mode
+        return -1.0 if mode == "min" or (mode == "auto" and self.monitor_key == "loss") else 1.0
+
+    def wants_probe(self) -> bool:
+        """LP-FT's probe runs once, at the start of a fresh run (a resumed one has its head)."""
+        return self.cfg.finetune.probe.enabled and not self.state.probe_done and self.state.step == 0
+
+    def patience_spent(self) -> bool:
+        patience = self.cfg.checkpoint.patience
+        return bool(patience) and self.state.stale_epochs >= patience
+
+    @property
+    def stage(self) -> Stage:
+        return self.plan.stages[self.state.stage]
+
+    def enter_stage(self, epoch: int) -> None:
+        """Apply the plan's stage for `epoch` if it differs from the model's (re-wraps DDP)."""
+        stage = self.plan.stage_at(epoch)
+        if stage.index == self.state.stage:
+            return
+        self.model, n_trainable = self.strategy.apply_stage(self.model, self.optimizer, self.plan, self.stage, stage)
+        self.state.stage = stage.index
+        self.events.stage_start(self, stage, n_trainable)
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.time() - self.started
+
+    def save_checkpoint(self) -> Path:
+        self.state.scheduler = self.scheduler.state_dict()
+        self.state.wall_time_s = self.wall_time()
+        return ckpt.save_checkpoint(self.accelerator, self.out / "checkpoints", self.state, self.cfg.checkpoint.keep)
+
+
+def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
+    """Everything `train()` needs, resumed from the latest checkpoint when there is one."""
+    threads = configure_cpu_threads(cfg.data.num_workers)
+    out = Path(cfg.output_dir)
+    accelerator = create_accelerator(cfg, str(out), log_with="wandb" if _wants_wandb(cfg) else None)
+    if threads:
+        accelerator.print(threads)
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
+    resume_from, saved = _find_resume(accelerator, cfg, out)
+    model, classes, plan, pre = _build_model(accelerator, cfg)
+    state = _train_state(cfg, classes, plan, saved, resume_from)  # raises before anything is written
+    _write_config(accelerator, cfg, out, resume_from)
+
+    data = build_data(cfg, pre, classes, accelerator.process_index, accelerator.num_processes,
+                      error_log=str(out / f"bad_samples.rank{accelerator.process_index}.jsonl"))
+    steps_per_epoch = _steps_per_epoch(cfg, data)
+    strategy = ParallelStrategy(accelerator, cfg.finetune.ddp_rewrap)
+    state.stage = plan.stage_at(state.epoch).index
+    optimizer = build_optimizer(model, plan, cfg.optim)
+    scheduler = build_scheduler(optimizer, plan, cfg.optim, cfg.finetune.join_warmup_epochs, steps_per_epoch, cfg.epochs)
+    model, optimizer = strategy.prepare(model, optimizer, plan.groups, plan.trainable(plan.stages[state.stage]))
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        scheduler.load_state_dict(state.scheduler)
+    weights = (class_weights(data.train, len(classes), cfg.data.class_weight_power).to(accelerator.device)
+               if cfg.data.class_weights else None)
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing)
+
+    init_kwargs = wandb_settings(cfg, out, state.wandb_run_id)
+    watchers: list[Observer] = [MetricsFile(out / "metrics.jsonl"), Console()]
+    if init_kwargs:
+        watchers.append(WandbTracker(init_kwargs))
+    events = Events([*watchers, *observers], accelerator.is_main_process)
+    return Run(cfg, out, accelerator, strategy, model, optimizer, scheduler, criterion, data, classes, plan, pre,
+               state, events, PreemptionHandler(accelerator), steps_per_epoch,
+               steps_per_epoch * cfg.optim.grad_accum_steps, resume_from, time.time(), state.wall_time_s)
+
+
+def _wants_wandb(cfg: Config) -> bool:
+    return cfg.wandb.enabled and os.environ.get("WANDB_MODE", cfg.wandb.mode) != "disabled"
+
+
+def _find_resume(accelerator: Accelerator, cfg: Config, out: Path) -> tuple[Optional[Path], Optional[ckpt.TrainState]]:
+    """The checkpoint to continue from and its train state; resume=never refuses an earlier run."""
+    if accelerator.is_main_process:
+        ckpt.recover_partial(out / "checkpoints")  # a run killed mid-write leaves only complete checkpoints
+    accelerator.wait_for_everyone()
+    path = resume_path(cfg, out)
+    return path, (ckpt.read_train_state(path) if path is not None else None)
+
+
+def resume_path(cfg: Config, out: Path) -> Optional[Path]:
+    if cfg.resume == "never":
+        found = ckpt.latest_checkpoint(out / "checkpoints")
+        if found is not None:
+            raise ckpt.CheckpointError(f"resume=never, but {found} holds an earlier run's checkpoint: continue it "
+                                       f"with resume=auto, or choose another output_dir (nothing was overwritten)")
+        return None
+    if cfg.resume == "auto":
+        return ckpt.latest_checkpoint(out / "checkpoints")
+    path = Path(cfg.resume)
+    if not path.is_dir():
+        raise ckpt.CheckpointError(f"resume={cfg.resume}: no such checkpoint folder")
+    return path
+
+
+def _build_model(accelerator: Accelerator, cfg: Config) -> tuple[nn.Module, list[str], FinetunePlan, dict]:
+    """Shards (prepared if asked), the class list (resolved once), the model and its plan."""
+    with accelerator.main_process_first():
+        prepare_shards(cfg.data, cfg.seed)
+    classes = run_classes(cfg.data)
+    model = create_classifier(cfg.model.backbone, len(classes), cfg.model.pretrained,
+                              cfg.model.drop_rate, cfg.model.drop_path_rate)
+    pre = preprocessing(model, cfg.data.img_size, cfg.data.crop_pct)
+    groups = layer_groups(model, cfg.finetune.groups, cfg.finetune.group_regex)
+    return model, classes, FinetunePlan(cfg.finetune, groups, cfg.optim.lr), pre
+
+
+def _train_state(cfg: Config, classes: list[str], plan: FinetunePlan, saved: Optional[ckpt.TrainState],
+                 resume_from: Optional[Path]) -> ckpt.TrainState:
+    """The saved state when resuming (after checking it is this model's), else a fresh one."""
+    identity = {"backbone": cfg.model.backbone, "classes": classes, "groups": [g.name for g in plan.groups]}
+    if saved is None:
+        return ckpt.TrainState(identity=identity, wandb_run_id=uuid.uuid4().hex[:12])
+    ckpt.check_identity(saved.identity, identity, str(resume_from))
+    return saved
+
+
+def _write_config(accelerator: Accelerator, cfg: Config, out: Path, resume_from: Optional[Path]) -> None:
+    """config.yaml of the run; a resumed run first says which keys changed."""
+    if resume_from is not None and (out / "config.yaml").is_file():
+        changed = config_changes(yaml.safe_load((out / "config.yaml").read_text()) or {}, cfg.model_dump(mode="json"))
+        if changed:
+            accelerator.print(f"dtl: resuming {out} with a changed config: " + "; ".join(changed))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_atomic(out / "config.yaml", dump_config(cfg))
+    accelerator.wait_for_everyone()
+
+
+def _steps_per_epoch(cfg: Config, data: Data) -> int:
+    accum = cfg.optim.grad_accum_steps
+    batches = data.train_batches()
+    if cfg.max_steps_per_epoch:
+        batches = min(batches, cfg.max_steps_per_epoch * accum)
+    if batches // accum == 0:
+        raise DataError(f"split {cfg.data.train_split!r}: {data.train.samples_per_slot()} samples per "
+                        f"rank x worker, fewer than batch_size x grad_accum_steps = {cfg.data.batch_size * accum}")
+    return batches // accum

@@ -1,0 +1,75 @@
+"""One training epoch (timm's `train_one_epoch`): forward, backward, step, schedule, per-step events.
+
+The epoch may start mid-way (a resumed run skips the batches already seen) and may stop mid-way
+(preemption or `stop_after_steps`); the caller checkpoints and leaves then.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from dtl.evaluation import progress_bars_off
+from dtl.optimization import group_lrs
+
+
+@dataclass
+class EpochStats:
+    loss: float = 0.0              # mean over the epoch's samples on all ranks
+    acc: float = 0.0
+    images: int = 0                # trained in this process's part of the epoch, all ranks
+    seconds: float = 0.0
+    lrs: dict[str, float] = field(default_factory=dict)   # the rates of the epoch's last step
+    stopped: bool = False
+
+
+def train_one_epoch(run, epoch: int) -> EpochStats:
+    """Train `epoch` from where `run.state` stands; returns its stats (stopped=True if cut short)."""
+    acc, cfg, state = run.accelerator, run.cfg, run.state
+    model, optimizer, criterion = run.model, run.optimizer, run.criterion
+    run.strategy.train_mode(model, run.plan, run.stage, cfg.finetune.bn_frozen)
+    run.data.train.set_epoch(epoch, skip_batches=state.batch_in_epoch, batch_size=run.data.batch_size)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+    correct = torch.zeros((), dtype=torch.long, device=acc.device)
+    seen, t0, lrs, stopped = 0, time.time(), group_lrs(optimizer), False
+    bar = tqdm(total=run.batches_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}", leave=False,
+               disable=progress_bars_off(acc))
+    for batch in run.data.loader(run.data.train):
+        if state.batch_in_epoch >= run.batches_per_epoch:
+            break
+        x, y = batch["image"].to(acc.device), batch["label"].to(acc.device)
+        with acc.accumulate(model):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.optim.clip_grad_norm:
+                acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.clip_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        state.batch_in_epoch += 1
+        state.images_seen += len(y) * acc.num_processes
+        bar.update(1)
+        if not acc.sync_gradients:
+            continue
+        lrs = group_lrs(optimizer)  # the rates this step used, before the schedule moves on
+        run.scheduler.step()
+        state.step += 1
+        if state.step % cfg.log_every_steps == 0:
+            run.events.step_end(run, {"train/loss_step": loss.item(), **lrs})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+            run.save_checkpoint()
+        if run.preempt.should_stop() or state.step == cfg.stop_after_steps:
+            stopped = True
+            break
+    bar.close()
+    images, seconds = seen * acc.num_processes, time.time() - t0
+    if stopped:
+        return EpochStats(images=images, seconds=seconds, lrs=lrs, stopped=True)
+    return EpochStats(float(acc.reduce(loss_sum, "sum")) / max(1, images),
+                      float(acc.reduce(correct, "sum")) / max(1, images), images, seconds, lrs)

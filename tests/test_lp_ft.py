@@ -1,0 +1,66 @@
+"""LP-FT: the probe on cached features, model selection by a monitored metric, early stopping, TTA."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from dtl.run_config import Config
+from dtl.train import train
+
+
+def _probe_config(tmp_path, shard_dir, **extra) -> Config:
+    return Config.model_validate(tiny_config(tmp_path, shard_dir, **{
+        "finetune.probe": {"enabled": True, "epochs": 60, "patience": 20, "lr": 0.05, "augmented_views": 1},
+        "finetune.stages": [{"epoch": 0, "train": 3}, {"epoch": 1, "train": "all"}], **extra}))
+
+
+def test_probe_trains_the_head_first_and_is_a_best_model_candidate(tmp_path, shard_dir, capsys):
+    result = train(_probe_config(tmp_path, shard_dir))
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    probe = [r for r in records if "probe/epochs" in r]
+    assert len(probe) == 1 and probe[0]["probe/train_rows"] == 2 * 45  # clean + 1 augmented view
+    assert probe[0]["val/acc"] > 0.5                                    # chance is 1/3
+    epochs = [r["val/acc"] for r in records if "train/acc" in r]
+    # never worse on validation than its own probe: best.safetensors is the better of all
+    assert result.summary["val/best_acc"] == pytest.approx(max([probe[0]["val/acc"], *epochs]))
+    assert "probe (LP-FT)" in capsys.readouterr().out
+    assert (out / "best.safetensors").is_file()
+    if result.summary["best_epoch"] == 0:  # the probe won: its weights are the pretrained ones + the head
+        assert "test_final/acc" in result.summary
+
+
+def test_probe_head_is_the_same_when_resumed(tmp_path, shard_dir):
+    cfg = _probe_config(tmp_path / "a", shard_dir)
+    full = train(cfg)
+    cfg2 = _probe_config(tmp_path / "b", shard_dir, stop_after_steps=3)
+    assert train(cfg2).stopped
+    cfg2.stop_after_steps = None
+    resumed = train(cfg2)
+    assert resumed.summary["steps"] == full.summary["steps"]
+    a = load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_monitor_min_loss_picks_the_lowest_validation_loss(tmp_path, shard_dir):
+    s = train(Config.model_validate(tiny_config(tmp_path, shard_dir, **{"checkpoint.monitor": "val/loss"}))).summary
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["val/loss"] for r in records if "train/acc" in r]
+    assert s["monitor"] == "val/loss" and s["val/best_loss"] == pytest.approx(min(losses))
+    assert s["best_epoch"] == 1 + losses.index(min(losses))
+
+
+def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path, shard_dir):
+    cfg = Config.model_validate(tiny_config(tmp_path, shard_dir, epochs=8, **{
+        "checkpoint.patience": 1, "optim.lr": 1e-12, "finetune.stages": [{"epoch": 0, "train": 1}]}))
+    s = train(cfg).summary  # an lr of 1e-12 leaves validation accuracy where it was
+    assert s["epochs_trained"] == 2 and s["best_epoch"] == 1
+    assert train(cfg).status == "complete"  # an early-stopped run is finished
+
+
+def test_tta_flips_in_evaluation(tmp_path, shard_dir):
+    s = train(Config.model_validate(tiny_config(tmp_path, shard_dir, epochs=1, **{"eval.tta": "flips"}))).summary
+    assert s["test/samples"] == 15 and 0 <= s["test/acc"] <= 1
