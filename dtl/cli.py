@@ -65,6 +65,15 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from dtl.recipe_compare import compare, table
+
+    result = compare(args.config, args.seeds, args.out, args.only, args.set, args.full_lr)
+    print(f"{args.config}, seeds {args.seeds}: linear probe vs full fine-tuning vs your plan, same split and epochs")
+    print(table(result["summary"]))
+    print(f"wrote {args.out}/compare.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="dtl", description="Distributed transfer learning of image classifiers.",
@@ -109,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     c.add_argument("--template", action="store_true", help="print a commented config for your own shards")
 
+    m = sub.add_parser("compare", help="linear probe vs full fine-tuning vs your plan, on your data",
+                       formatter_class=fmt, epilog=EPILOG,
+                       description="Feature extractor or fine-tuning? Runs a linear probe (cached features), full "
+                                   "fine-tuning at one learning rate and the config's plan on the same split and "
+                                   "epoch budget, for each seed; prints a table and writes OUT/compare.json.")
+    m.add_argument("--config", "-c", required=True, help="the run config (its plan is the third arm)")
+    m.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; 3 give a mean and spread")
+    m.add_argument("--out", default="runs/compare", help="folder for the arms' runs and compare.json")
+    m.add_argument("--only", nargs="*", help="run only these arms ('linear probe', 'full, one lr', 'your plan')")
+    m.add_argument("--set", nargs="*", default=[], help="dotted overrides for every arm, e.g. epochs=5")
+    m.add_argument("--full-lr", type=float, default=None, help="learning rate of the full fine-tuning arm "
+                                                                "(default: the config's optim.lr)")
+
     r = sub.add_parser("predict", help="classify images with an exported model.safetensors", formatter_class=fmt,
                        description="Classify images with an exported model (no training config needed); one JSON "
                                    "line per image. An unreadable image gets an 'error' line, the rest are still "
@@ -134,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return launch_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"shards": _shards, "groups": _groups, "config": _config,
+        return {"shards": _shards, "groups": _groups, "config": _config, "compare": _compare,
                 "predict": _predict}[args.command](args) or 0
     except DtlError as e:
         return print_error(e)

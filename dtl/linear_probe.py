@@ -17,7 +17,10 @@ rank trains the same head from the same seed (rank 0's weights are broadcast to 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -87,13 +90,39 @@ def _stream(run, split: str, augmented: bool) -> ShardStream:
     return ShardStream(base.source, transform, opt, base.rank, base.world_size, run.data.num_workers)
 
 
+def cache_identity(run) -> str:
+    """What the cached features depend on: backbone and its weights, transform, split, seed, views, ranks."""
+    cfg = run.cfg
+    src = {name: (s.source.urls, s.source.counts) for name, s in (("train", run.data.train), ("val", run.data.val))
+           if s is not None}
+    weights = cfg.model.pretrained
+    if isinstance(weights, str) and os.path.isfile(weights):
+        weights = f"{weights}:{os.path.getsize(weights)}:{os.path.getmtime(weights)}"
+    ident = {"backbone": cfg.model.backbone, "weights": weights, "pre": run.pre, "augment": cfg.data.augment.model_dump(),
+             "splits": src, "seed": cfg.seed, "views": cfg.finetune.probe.augmented_views, "label": cfg.data.label_field,
+             "world": run.accelerator.num_processes, "format": 1}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def extract(run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train features, train labels, val features, val labels), every view, all ranks'."""
+    """(train features, train labels, val features, val labels), every view, all ranks'.
+
+    Kept in `output_dir/feature_cache/` and reused by a run (or rerun) with the same identity.
+    """
     cfg, world = run.cfg.finetune.probe, run.accelerator.num_processes
+    path = run.out / "feature_cache" / f"probe-{cache_identity(run)}.pt"
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return cached["x"], cached["y"], cached["vx"], cached["vy"]
     xs, ys = zip(*[_features(run, _stream(run, "train", v > 0), v - 1 if v > 0 else None)
                    for v in range(1 + cfg.augmented_views)])
     x, y = _gather(torch.cat(xs), torch.cat(ys), world)
     vx, vy = _gather(*_features(run, _stream(run, "val", False), None), world)
+    if run.accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"x": x, "y": y, "vx": vx, "vy": vy}, tmp)
+        os.replace(tmp, path)
     return x, y, vx, vy
 
 

@@ -97,11 +97,13 @@ class ParallelStrategy:
     def count_trainable(self, model: nn.Module, plan: FinetunePlan, stage: Stage) -> int:
         return count_trainable(self.accelerator.unwrap_model(model), plan.groups, plan.trainable(stage))
 
-    def train_mode(self, model: nn.Module, plan: FinetunePlan, stage: Stage, bn_frozen: bool) -> None:
-        """model.train(), with BatchNorm of frozen groups back in eval mode (train() undoes it)."""
+    def train_mode(self, model: nn.Module, plan: FinetunePlan, stage: Stage, bn_frozen: bool,
+                   bn_eval: bool = False) -> None:
+        """model.train(), with BatchNorm of frozen groups (or all, `bn_eval`) back in eval mode."""
         model.train()
-        if bn_frozen:
-            freeze_batchnorm(self.accelerator.unwrap_model(model), plan.groups, plan.trainable(stage))
+        if bn_frozen or bn_eval:
+            trainable = [False] * len(plan.groups) if bn_eval else plan.trainable(stage)
+            freeze_batchnorm(self.accelerator.unwrap_model(model), plan.groups, trainable)
 
     def eval_module(self, model: nn.Module) -> nn.Module:
         """The module evaluation calls: the bare one under DDP, the sharded one under FSDP."""

@@ -116,6 +116,9 @@ class FinetuneConfig(_Strict):
         None, description="fastai's slice(low, high): rates spread geometrically from the input to the head")
     join_warmup_epochs: float = Field(0.5, ge=0, description="linear warmup of a group after it is unfrozen")
     bn_frozen: bool = Field(True, description="BatchNorm of frozen groups stays in eval mode")
+    bn_eval: bool = Field(False, description="every BatchNorm stays in eval mode (pretrained running statistics; "
+                                             "scale and shift still train): on small sets, and after a probe whose "
+                                             "head was fitted to those statistics")
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     ddp_rewrap: bool = Field(
         True, description="rebuild the DDP wrapper at each stage change; false reproduces the silent "

@@ -111,6 +111,7 @@ def finish(run, val: Optional[EvalResult]) -> RunResult:
         summary["test/confusion"] = test.confusion.tolist()
     if final is not None and final is not test:
         summary.update({f"test_final/{k}": v for k, v in final.metrics.items()})
+        summary["test_final/confusion"] = final.confusion.tolist()
     if run.accelerator.is_main_process:
         ckpt.write_text_atomic(run.out / "summary.json", json.dumps(summary, indent=1))
     result = RunResult("finished", state.step, state.epoch, summary)

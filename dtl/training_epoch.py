@@ -29,7 +29,7 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
     """Train `epoch` from where `run.state` stands; returns its stats (stopped=True if cut short)."""
     acc, cfg, state = run.accelerator, run.cfg, run.state
     model, optimizer, criterion = run.model, run.optimizer, run.criterion
-    run.strategy.train_mode(model, run.plan, run.stage, cfg.finetune.bn_frozen)
+    run.strategy.train_mode(model, run.plan, run.stage, cfg.finetune.bn_frozen, cfg.finetune.bn_eval)
     run.data.train.set_epoch(epoch, skip_batches=state.batch_in_epoch, batch_size=run.data.batch_size)
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     correct = torch.zeros((), dtype=torch.long, device=acc.device)

@@ -64,3 +64,33 @@ def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path, shard_dir):
 def test_tta_flips_in_evaluation(tmp_path, shard_dir):
     s = train(Config.model_validate(tiny_config(tmp_path, shard_dir, epochs=1, **{"eval.tta": "flips"}))).summary
     assert s["test/samples"] == 15 and 0 <= s["test/acc"] <= 1
+
+
+def test_probe_features_are_cached_and_reused(tmp_path, shard_dir):
+    cfg = _probe_config(tmp_path, shard_dir, epochs=0)
+    first = train(cfg).summary
+    cached = list((tmp_path / "run" / "feature_cache").glob("probe-*.pt"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    cfg.resume = "auto"
+    again = train(cfg).summary  # epochs=0 leaves no checkpoint: the probe runs again, from the cache
+    assert cached[0].stat().st_mtime_ns == stamp and again["test/acc"] == first["test/acc"]
+
+
+def test_dtl_compare_runs_the_three_arms_on_the_same_split(tmp_path, shard_dir):
+    import subprocess
+    import sys
+
+    from conftest import write_config
+
+    cfg = tiny_config(tmp_path, shard_dir, epochs=2, **{
+        "finetune.probe": {"enabled": True, "epochs": 30, "lr": 0.05},
+        "finetune.stages": [{"epoch": 0, "train": 3}, {"epoch": 1, "train": "all"}]})
+    path = write_config(tmp_path / "c.yaml", cfg)
+    r = subprocess.run([sys.executable, "-m", "dtl.cli", "compare", "--config", str(path), "--out",
+                        str(tmp_path / "cmp"), "--seeds", "0"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [row["arm"] for row in result["rows"]] == ["linear probe", "full, one lr", "your plan"]
+    assert all(row["test/acc"] is not None and row["wall_s"] > 0 for row in result["rows"])
+    assert "linear probe" in r.stdout and "your plan" in r.stdout
