@@ -39,6 +39,7 @@ class TrainState:
     stage: int = -1                # stage index applied to the model
     best_metric: Optional[float] = None   # the monitored validation value of best.safetensors
     best_epoch: Optional[int] = None      # 0-based, as `epoch`; -1 is the probe; summary.json counts from 1
+    best_source: str = "model"            # "model" or "ema": whose weights best.safetensors holds
     stale_epochs: int = 0          # epochs since the monitored value last improved (early stopping)
     stopped_early: bool = False    # patience spent: the run is finished before `epochs`
     probe_done: bool = False       # the LP-FT probe has trained the head
@@ -105,7 +106,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(accelerator, root: str | Path, state: TrainState, keep: int) -> Path:
+EMA_FILE = "ema.safetensors"
+
+
+def save_checkpoint(accelerator, root: str | Path, state: TrainState, keep: int,
+                    ema: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Every rank calls this; the main process publishes the finished folder with one rename.
 
     A folder named `ckpt-*` is always complete: it is written as `.tmp-ckpt-*` and renamed only
@@ -123,6 +128,8 @@ def save_checkpoint(accelerator, root: str | Path, state: TrainState, keep: int)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(state.to_json())
+        if ema is not None:  # safetensors, not accelerate's pickled custom state (loaded with weights_only=False)
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / EMA_FILE))
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)

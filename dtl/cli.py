@@ -74,6 +74,18 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/compare.json")
 
 
+def _lr_find(args: argparse.Namespace) -> None:
+    from dtl.lr_finder import lr_range_test
+    from dtl.run_config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    r = lr_range_test(cfg, args.stage, args.start_lr, args.end_lr, args.steps, args.out)
+    out = args.out or cfg.output_dir
+    print(f"stage {r['stage']} ({', '.join(r['trainable_groups'])}): {len(r['lrs'])} steps, loss "
+          f"{r['losses'][0]:.3f} -> min {min(r['losses']):.3f}")
+    print(f"suggested optim.lr={r['suggested_lr']:.2e}   (curve: {out}/lr_find.png)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="dtl", description="Distributed transfer learning of image classifiers.",
@@ -131,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--full-lr", type=float, default=None, help="learning rate of the full fine-tuning arm "
                                                                 "(default: the config's optim.lr)")
 
+    f = sub.add_parser("lr-find", help="learning-rate range test for a stage of the plan; writes lr_find.png",
+                       formatter_class=fmt, epilog=EPILOG,
+                       description="fastai's range test: the stage's groups train at their plan ratios while the "
+                                   "head's rate grows exponentially; prints a suggested optim.lr and writes "
+                                   "lr_find.png and lr_find.json.")
+    f.add_argument("--config", "-c", required=True, help="the run config")
+    f.add_argument("--stage", type=int, default=0, help="which stage of the plan (0: the first)")
+    f.add_argument("--start-lr", type=float, default=1e-7, help="first head learning rate")
+    f.add_argument("--end-lr", type=float, default=10.0, help="last head learning rate")
+    f.add_argument("--steps", type=int, default=100, help="most batches")
+    f.add_argument("--out", help="folder for lr_find.png (default: the config's output_dir)")
+    f.add_argument("overrides", nargs="*", help="dotted config overrides")
+
     r = sub.add_parser("predict", help="classify images with an exported model.safetensors", formatter_class=fmt,
                        description="Classify images with an exported model (no training config needed); one JSON "
                                    "line per image. An unreadable image gets an 'error' line, the rest are still "
@@ -156,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return launch_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"shards": _shards, "groups": _groups, "config": _config, "compare": _compare,
+        return {"shards": _shards, "groups": _groups, "config": _config, "compare": _compare, "lr-find": _lr_find,
                 "predict": _predict}[args.command](args) or 0
     except DtlError as e:
         return print_error(e)

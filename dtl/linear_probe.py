@@ -185,7 +185,7 @@ def run_probe(run) -> ProbeResult:
     """LP-FT's first stage: features once, a converged head, installed in the model; a best-model candidate."""
     import time
 
-    from dtl.run_finish import evaluate_split, update_best
+    from dtl.run_finish import evaluate_split, select_best
 
     if run.strategy.sharded:
         raise DtlError("finetune.probe is not supported under FSDP yet; set finetune.probe.enabled=false")
@@ -199,7 +199,7 @@ def run_probe(run) -> ProbeResult:
     checked = evaluate_split(run, "val")  # the installed model, through the same evaluation as every epoch
     if checked is not None:
         val = checked.metrics
-        update_best(run, -1, val)
+        select_best(run, -1, {"model": val})
     result = ProbeResult(epochs, best_epoch, val, len(y), t1 - t0, t2 - t1)
     run.events.probe_end(run, {**{f"val/{k}": v for k, v in val.items()}, "probe/epochs": epochs,
                                "probe/best_epoch": best_epoch, "probe/train_rows": len(y),

@@ -148,6 +148,12 @@ class OptimConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
 
 
+class EmaConfig(_Strict):
+    enabled: bool = Field(False, description="keep an exponential moving average of the weights (timm's "
+                                             "ModelEmaV3), evaluated every epoch and selectable as best.safetensors")
+    decay: float = Field(0.998, gt=0, lt=1, description="EMA decay per optimizer step (with timm's warmup)")
+
+
 class WandbConfig(_Strict):
     enabled: bool = Field(True, description="log to W&B (offline by default)")
     project: str = Field("dtl", description="W&B project")
@@ -201,6 +207,7 @@ class Config(_Strict):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -44,27 +44,43 @@ def export_meta(run) -> dict:
             "epoch": run.state.epoch, "step": run.state.step, "format": "dtl-classifier/1"}
 
 
-def export(run, name: str) -> None:
-    """`output_dir/NAME` as safetensors with everything prediction needs; every rank calls it."""
-    state_dict = run.strategy.full_state_dict(run.model)
+def export(run, name: str, source: str = "model") -> None:
+    """`output_dir/NAME` as safetensors with everything prediction needs; every rank calls it.
+    `source="ema"` exports the moving average instead of the trained weights."""
+    state_dict = run.ema.module.state_dict() if source == "ema" else run.strategy.full_state_dict(run.model)
     if run.accelerator.is_main_process:
         ckpt.export_model(state_dict, run.out / name, export_meta(run))
 
 
-def update_best(run, epoch: int, val_metrics: Optional[dict]) -> None:
-    """Export `best.safetensors` when the monitored validation value improves (`epoch` -1: the
-    probe). Validation metrics are reduced, so every rank decides the same."""
-    if val_metrics is None:
+def evaluate_ema(run) -> Optional[EvalResult]:
+    """Validation of the EMA weights (None without EMA or validation split)."""
+    if run.ema is None or run.data.val is None:
+        return None
+    run.strategy.sync_batchnorm(run.ema.module)
+    return evaluate(run.accelerator, run.strategy, run.ema.module, run.data, run.data.val, len(run.classes),
+                    "val_ema", run.pre["input_size"], tta=run.cfg.eval.tta)
+
+
+def select_best(run, epoch: int, candidates: dict[str, Optional[EvalResult | dict]]) -> None:
+    """Export `best.safetensors` when a candidate's monitored validation value beats the best so far.
+
+    Candidates: the trained weights ("model") and the moving average ("ema") of an epoch, or the
+    probe (epoch -1). Validation metrics are reduced, so every rank decides the same.
+    """
+    state, sign, key = run.state, run.monitor_sign, run.monitor_key
+    scored = {src: (m.metrics if isinstance(m, EvalResult) else m) for src, m in candidates.items() if m is not None}
+    if not scored:
         return
-    state, value = run.state, val_metrics[run.monitor_key]
-    if state.best_metric is None or run.monitor_sign * value > run.monitor_sign * state.best_metric:
-        state.best_metric, state.best_epoch, state.stale_epochs = value, epoch, 0
-        export(run, "best.safetensors")
+    source = max(scored, key=lambda src: sign * scored[src][key])
+    value = scored[source][key]
+    if state.best_metric is None or sign * value > sign * state.best_metric:
+        state.best_metric, state.best_epoch, state.best_source, state.stale_epochs = value, epoch, source, 0
+        export(run, "best.safetensors", source)
     else:
         state.stale_epochs += 1
 
 
-def epoch_record(run, stats, val: Optional[EvalResult]) -> dict:
+def epoch_record(run, stats, val: Optional[EvalResult], val_ema: Optional[EvalResult] = None) -> dict:
     """What metrics.jsonl and W&B get for an epoch."""
     record = {"train/loss": stats.loss, "train/acc": stats.acc, "stage": run.state.stage,
               "trainable_params": run.strategy.count_trainable(run.model, run.plan, run.stage),
@@ -72,6 +88,8 @@ def epoch_record(run, stats, val: Optional[EvalResult]) -> dict:
               **stats.lrs}
     if val is not None:
         record.update({f"val/{k}": v for k, v in val.metrics.items()})
+    if val_ema is not None:
+        record.update({f"val_ema/{k}": v for k, v in val_ema.metrics.items()})
     return record
 
 
@@ -79,7 +97,8 @@ def _test_best(run, final: Optional[EvalResult]) -> Optional[EvalResult]:
     """Test the selected weights (best.safetensors), when they are not the final ones."""
     state = run.state
     last = run.state.epoch - 1
-    if final is None or state.best_epoch is None or state.best_epoch == last or run.strategy.sharded:
+    if final is None or state.best_epoch is None or run.strategy.sharded or \
+            (state.best_epoch == last and state.best_source == "model"):
         return final  # FSDP: the sharded model cannot take a full state dict here; final weights reported
     net = run.accelerator.unwrap_model(run.model)
     net.load_state_dict(ckpt.load_file(str(run.out / "best.safetensors")))
@@ -96,13 +115,15 @@ def finish(run, val: Optional[EvalResult]) -> RunResult:
     state = run.state
     if val is None:
         val = evaluate_split(run, "val")
-    final = evaluate_split(run, "test_final" if state.best_epoch not in (None, state.epoch - 1) else "test")
+    selected_is_final = state.best_epoch in (None, state.epoch - 1) and state.best_source == "model"
+    final = evaluate_split(run, "test" if selected_is_final else "test_final")
     export(run, "model.safetensors")
     test = _test_best(run, final)
     key = run.monitor_key
     summary: dict = {"epochs": run.cfg.epochs, "epochs_trained": state.epoch, "steps": state.step,
                      "best_epoch": state.best_epoch + 1 if state.best_epoch is not None else None,  # as printed
                      "monitor": run.cfg.checkpoint.monitor, f"val/best_{key}": state.best_metric,
+                     "best_weights": state.best_source,
                      "wall_time_s": run.wall_time(), "train/images": state.images_seen}
     if val is not None:
         summary.update({f"val/{k}": v for k, v in val.metrics.items()})

@@ -68,6 +68,8 @@ class Console(Observer):
                 f"train loss {record['train/loss']:.4f} acc {record['train/acc']:.3f}")
         if "val/acc" in record:
             line += f" | val loss {record['val/loss']:.4f} acc {record['val/acc']:.3f} f1 {record['val/macro_f1']:.3f}"
+        if "val_ema/acc" in record:
+            line += f" | ema acc {record['val_ema/acc']:.3f} f1 {record['val_ema/macro_f1']:.3f}"
         print(line + f" | {record['train/img_per_s']:.1f} img/s | {record['epoch_time_s']:.0f}s", flush=True)
 
     def eval_end(self, run, split: str, result) -> None:
@@ -78,8 +80,9 @@ class Console(Observer):
             print(f"test (final weights, model.safetensors): {line}", flush=True)
         elif split == "test":
             best = run.state.best_epoch
-            which = "" if best is None or best == run.state.epoch - 1 else \
-                f"  [best.safetensors: {'the probe' if best < 0 else f'epoch {best + 1}'}, by {run.cfg.checkpoint.monitor}]"
+            ema = " (EMA)" if run.state.best_source == "ema" else ""
+            which = "" if best is None or (best == run.state.epoch - 1 and not ema) else \
+                f"  [best.safetensors: {'the probe' if best < 0 else f'epoch {best + 1}'}{ema}, by {run.cfg.checkpoint.monitor}]"
             print(f"test: {line}{which}")
             print(format_confusion(result.confusion, run.classes), flush=True)
 

@@ -17,6 +17,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
+from timm.utils import ModelEmaV3
 from torch.optim.lr_scheduler import LambdaLR
 
 from dtl import checkpoints as ckpt
@@ -29,7 +30,7 @@ from dtl.layer_groups import layer_groups
 from dtl.optimization import build_optimizer, build_scheduler
 from dtl.parallel_strategy import ParallelStrategy, create_accelerator
 from dtl.preemption import PreemptionHandler
-from dtl.run_config import Config, config_changes, dump_config
+from dtl.run_config import Config, ConfigError, config_changes, dump_config
 from dtl.run_events import Events, Observer
 from dtl.run_observers import Console, MetricsFile, WandbTracker, wandb_settings
 
@@ -57,6 +58,7 @@ class Run:
     resumed_from: Optional[Path]
     started: float                 # time.time() when this process started the run
     wall_before: float             # wall time spent by earlier processes of the run (resumes)
+    ema: Optional[ModelEmaV3] = None   # moving average of the weights (`ema.enabled`)
 
     @property
     def monitor_key(self) -> str:
@@ -96,7 +98,8 @@ class Run:
     def save_checkpoint(self) -> Path:
         self.state.scheduler = self.scheduler.state_dict()
         self.state.wall_time_s = self.wall_time()
-        return ckpt.save_checkpoint(self.accelerator, self.out / "checkpoints", self.state, self.cfg.checkpoint.keep)
+        ema = self.ema.module.state_dict() if self.ema is not None else None
+        return ckpt.save_checkpoint(self.accelerator, self.out / "checkpoints", self.state, self.cfg.checkpoint.keep, ema)
 
 
 def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
@@ -134,7 +137,21 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     events = Events([*watchers, *observers], accelerator.is_main_process)
     return Run(cfg, out, accelerator, strategy, model, optimizer, scheduler, criterion, data, classes, plan, pre,
                state, events, PreemptionHandler(accelerator), steps_per_epoch,
-               steps_per_epoch * cfg.optim.grad_accum_steps, resume_from, time.time(), state.wall_time_s)
+               steps_per_epoch * cfg.optim.grad_accum_steps, resume_from, time.time(), state.wall_time_s,
+               _build_ema(cfg, accelerator, model, strategy, resume_from))
+
+
+def _build_ema(cfg: Config, accelerator: Accelerator, model: nn.Module, strategy: ParallelStrategy,
+               resume_from: Optional[Path]) -> Optional[ModelEmaV3]:
+    """timm's ModelEmaV3 of the bare model; restored from the checkpoint's ema.safetensors on resume."""
+    if not cfg.ema.enabled:
+        return None
+    if strategy.sharded:
+        raise ConfigError("ema.enabled is not supported under FSDP yet")
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema.decay, use_warmup=True)
+    if resume_from is not None:
+        ema.module.load_state_dict(ckpt.load_file(str(resume_from / ckpt.EMA_FILE)))
+    return ema
 
 
 def _wants_wandb(cfg: Config) -> bool:

@@ -6,7 +6,7 @@
 The story of a run (`train` below): build it from the config (resuming from the latest
 checkpoint); train the head on cached features first when LP-FT's probe is on; then for each
 epoch enter the plan's stage, train one epoch, average BatchNorm statistics across ranks,
-validate, keep the best model, tell the observers, checkpoint, and stop here if preempted (or
+validate (the weights and their moving average, if kept), keep the best model, tell the observers, checkpoint, and stop here if preempted (or
 early, when the monitored metric has stopped improving); finally test, export, write the summary. docs/architecture.md has the design.
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ if __package__ in (None, ""):  # run as a script: dtl/ is on sys.path, the repo 
 from dtl.linear_probe import run_probe
 from dtl.run_config import Config, load_config
 from dtl.run_events import Observer
-from dtl.run_finish import RunResult, completed_run, epoch_record, evaluate_split, finish, stop, update_best
+from dtl.run_finish import (RunResult, completed_run, epoch_record, evaluate_ema, evaluate_split, finish,
+                            select_best, stop)
 from dtl.run_setup import build_run
 from dtl.training_epoch import train_one_epoch
 from dtl.user_errors import DtlError, print_error
@@ -47,9 +48,9 @@ def train(cfg: Config, observers: Sequence[Observer] = ()) -> RunResult:
         if stats.stopped:
             return stop(run)
         run.strategy.sync_batchnorm(run.model)
-        val = evaluate_split(run, "val")
-        update_best(run, epoch, val.metrics if val else None)
-        run.events.epoch_end(run, epoch_record(run, stats, val))
+        val, val_ema = evaluate_split(run, "val"), evaluate_ema(run)
+        select_best(run, epoch, {"model": val, "ema": val_ema})
+        run.events.epoch_end(run, epoch_record(run, stats, val, val_ema))
         state.epoch, state.batch_in_epoch = epoch + 1, 0
         state.stopped_early = run.patience_spent()
         if state.stopped_early or (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.epochs:

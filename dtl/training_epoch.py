@@ -59,6 +59,8 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
         lrs = group_lrs(optimizer)  # the rates this step used, before the schedule moves on
         run.scheduler.step()
         state.step += 1
+        if run.ema is not None:
+            run.ema.update(acc.unwrap_model(model), step=state.step)
         if state.step % cfg.log_every_steps == 0:
             run.events.step_end(run, {"train/loss_step": loss.item(), **lrs})
             bar.set_postfix(loss=f"{loss.item():.3f}")

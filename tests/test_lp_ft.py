@@ -94,3 +94,41 @@ def test_dtl_compare_runs_the_three_arms_on_the_same_split(tmp_path, shard_dir):
     assert [row["arm"] for row in result["rows"]] == ["linear probe", "full, one lr", "your plan"]
     assert all(row["test/acc"] is not None and row["wall_s"] > 0 for row in result["rows"])
     assert "linear probe" in r.stdout and "your plan" in r.stdout
+
+
+def test_ema_is_evaluated_selectable_and_resumes_exactly(tmp_path, shard_dir):
+    ema = {"ema.enabled": True, "ema.decay": 0.9}
+    full = train(Config.model_validate(tiny_config(tmp_path / "a", shard_dir, **ema))).summary
+    records = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "train/acc" in r]
+    assert all("val_ema/acc" in r for r in epochs) and full["best_weights"] in ("model", "ema")
+    best = max(max(r["val/acc"], r["val_ema/acc"]) for r in epochs)
+    assert full["val/best_acc"] == pytest.approx(best)
+    cfg = Config.model_validate(tiny_config(tmp_path / "b", shard_dir, stop_after_steps=7, **ema))
+    assert train(cfg).stopped
+    ckpts = sorted((tmp_path / "b" / "run" / "checkpoints").glob("ckpt-*"))
+    assert (ckpts[-1] / "ema.safetensors").is_file()   # safetensors, not a pickle
+    cfg.stop_after_steps = None
+    train(cfg)
+    for name in ("model.safetensors", "best.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / "run" / name)), load_file(str(tmp_path / "b" / "run" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_lr_find_writes_a_curve_and_suggests_a_rate(tmp_path, shard_dir):
+    import subprocess
+    import sys
+
+    from conftest import write_config
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, shard_dir))
+    r = subprocess.run([sys.executable, "-m", "dtl.cli", "lr-find", "--config", str(path), "--stage", "1",
+                        "--steps", "40", "--out", str(tmp_path / "lr")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = json.loads((tmp_path / "lr" / "lr_find.json").read_text())
+    assert (tmp_path / "lr" / "lr_find.png").stat().st_size > 10_000
+    assert len(found["trainable_groups"]) == 3 and 1e-7 <= found["suggested_lr"] <= 10
+    assert f"suggested optim.lr={found['suggested_lr']:.2e}" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "dtl.cli", "lr-find", "--config", str(path), "--stage", "9"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "the plan has stages 0..2" in bad.stderr
