@@ -59,7 +59,7 @@ def build_transform(pre: dict, train: bool, aug: AugmentConfig) -> Callable:
         return create_transform(is_training=False, **kwargs)
     return create_transform(is_training=True, hflip=aug.hflip, vflip=aug.vflip, scale=tuple(aug.crop_scale),
                             ratio=tuple(aug.crop_ratio), color_jitter=aug.color_jitter,
-                            auto_augment=aug.auto_augment, **kwargs)
+                            auto_augment=aug.auto_augment, re_prob=aug.random_erasing, re_mode="pixel", **kwargs)
 
 
 @dataclass

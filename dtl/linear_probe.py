@@ -144,7 +144,8 @@ def train_head(run, x: torch.Tensor, y: torch.Tensor, vx: torch.Tensor, vy: torc
     head = copy.deepcopy(net.get_submodule(head_name(net))).float().cpu().train()
     if not isinstance(head, nn.Linear):
         raise DtlError(f"finetune.probe needs a Linear head; {run.cfg.model.backbone}'s is {type(head).__name__}")
-    criterion = copy.deepcopy(run.criterion).cpu()
+    criterion = copy.deepcopy(run.criterion).cpu() if run.mixup is None else \
+        nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing)  # the probe does not mix
     gen = torch.Generator().manual_seed(run.cfg.seed)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(y) / cfg.batch_size)

@@ -33,6 +33,10 @@ class AugmentConfig(_Strict):
     crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect-ratio range")
     color_jitter: Optional[float] = Field(None, description="colour jitter strength (timm), off when unset")
     auto_augment: Optional[str] = Field(None, description="timm auto-augment policy, e.g. 'rand-m9-mstd0.5'")
+    random_erasing: float = Field(0.0, ge=0, le=1, description="probability of timm's random erasing (per-pixel noise)")
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (timm's Mixup; 0: off)")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (timm's Mixup; 0: off); with mixup, one of the two per batch")
+    mix_prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed at all")
 
 
 class DataConfig(_Strict):
@@ -208,6 +212,16 @@ class Config(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ema: EmaConfig = Field(default_factory=EmaConfig)
+
+    @model_validator(mode="after")
+    def _mixing_fits(self) -> "Config":
+        aug = self.data.augment
+        if (aug.mixup or aug.cutmix) and self.data.batch_size % 2:
+            raise ValueError(f"data.augment.mixup/cutmix mix a batch with its reverse: data.batch_size must be even, "
+                             f"got {self.data.batch_size}")
+        if (aug.mixup or aug.cutmix) and self.data.class_weights:
+            raise ValueError("data.class_weights does not combine with mixup/cutmix (soft targets); choose one")
+        return self
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

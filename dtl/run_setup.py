@@ -17,6 +17,8 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -59,6 +61,7 @@ class Run:
     started: float                 # time.time() when this process started the run
     wall_before: float             # wall time spent by earlier processes of the run (resumes)
     ema: Optional[ModelEmaV3] = None   # moving average of the weights (`ema.enabled`)
+    mixup: Optional[Mixup] = None      # timm's mixup/cutmix of a batch (its loss takes soft targets)
 
     @property
     def monitor_key(self) -> str:
@@ -126,9 +129,7 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         scheduler.load_state_dict(state.scheduler)
-    weights = (class_weights(data.train, len(classes), cfg.data.class_weight_power).to(accelerator.device)
-               if cfg.data.class_weights else None)
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing)
+    criterion, mixup = _loss(cfg, data, classes, accelerator)
 
     init_kwargs = wandb_settings(cfg, out, state.wandb_run_id)
     watchers: list[Observer] = [MetricsFile(out / "metrics.jsonl"), Console()]
@@ -138,7 +139,19 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     return Run(cfg, out, accelerator, strategy, model, optimizer, scheduler, criterion, data, classes, plan, pre,
                state, events, PreemptionHandler(accelerator), steps_per_epoch,
                steps_per_epoch * cfg.optim.grad_accum_steps, resume_from, time.time(), state.wall_time_s,
-               _build_ema(cfg, accelerator, model, strategy, resume_from))
+               _build_ema(cfg, accelerator, model, strategy, resume_from), mixup)
+
+
+def _loss(cfg: Config, data: Data, classes: list[str], accelerator: Accelerator) -> tuple[nn.Module, Optional[Mixup]]:
+    """Cross-entropy (class-weighted, label-smoothed as configured), or timm's Mixup with a soft-target loss."""
+    aug = cfg.data.augment
+    if aug.mixup or aug.cutmix:
+        mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mix_prob,
+                      label_smoothing=cfg.optim.label_smoothing, num_classes=len(classes))
+        return SoftTargetCrossEntropy(), mixup
+    weights = (class_weights(data.train, len(classes), cfg.data.class_weight_power).to(accelerator.device)
+               if cfg.data.class_weights else None)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing), None
 
 
 def _build_ema(cfg: Config, accelerator: Accelerator, model: nn.Module, strategy: ParallelStrategy,

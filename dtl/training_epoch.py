@@ -6,8 +6,10 @@ The epoch may start mid-way (a resumed run skips the batches already seen) and m
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -25,6 +27,15 @@ class EpochStats:
     stopped: bool = False
 
 
+def mix(run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mixup/cutmix `x` in place; returns the soft targets. timm's Mixup draws from numpy's global
+    generator, seeded here by (seed, step, batch): a resumed run mixes exactly as an uninterrupted one."""
+    state = run.state
+    np.random.seed(zlib.crc32(f"mix/{run.cfg.seed}/{state.step}/{state.batch_in_epoch}".encode()))
+    _, target = run.mixup(x, y)  # mixes x in place
+    return target
+
+
 def train_one_epoch(run, epoch: int) -> EpochStats:
     """Train `epoch` from where `run.state` stands; returns its stats (stopped=True if cut short)."""
     acc, cfg, state = run.accelerator, run.cfg, run.state
@@ -40,9 +51,10 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
         if state.batch_in_epoch >= run.batches_per_epoch:
             break
         x, y = batch["image"].to(acc.device), batch["label"].to(acc.device)
+        target = y if run.mixup is None else mix(run, x, y)
         with acc.accumulate(model):
             logits = model(x)
-            loss = criterion(logits.float(), y)
+            loss = criterion(logits.float(), target)
             acc.backward(loss)
             if acc.sync_gradients and cfg.optim.clip_grad_norm:
                 acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.clip_grad_norm)

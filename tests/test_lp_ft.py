@@ -132,3 +132,27 @@ def test_lr_find_writes_a_curve_and_suggests_a_rate(tmp_path, shard_dir):
     bad = subprocess.run([sys.executable, "-m", "dtl.cli", "lr-find", "--config", str(path), "--stage", "9"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "the plan has stages 0..2" in bad.stderr
+
+
+def test_mixup_cutmix_and_random_erasing_train_and_resume_exactly(tmp_path, shard_dir):
+    aug = {"data.augment.mixup": 0.4, "data.augment.cutmix": 1.0, "data.augment.random_erasing": 0.25}
+    full = train(Config.model_validate(tiny_config(tmp_path / "a", shard_dir, **aug))).summary
+    assert full["test/samples"] == 15
+    cfg = Config.model_validate(tiny_config(tmp_path / "b", shard_dir, stop_after_steps=7, **aug))
+    assert train(cfg).stopped
+    cfg.stop_after_steps = None
+    train(cfg)
+    a = load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixing_needs_an_even_batch_and_no_class_weights(tmp_path, shard_dir):
+    from dtl.run_config import ConfigError, load_config
+    from conftest import write_config
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, shard_dir))
+    with pytest.raises(ConfigError, match="batch_size must be even"):
+        load_config(path, ["data.augment.mixup=0.2", "data.batch_size=7"])
+    with pytest.raises(ConfigError, match="class_weights does not combine"):
+        load_config(path, ["data.augment.cutmix=1.0", "data.class_weights=true"])
