@@ -52,15 +52,31 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import csv
+
     from dtl.predict import predict_files
 
-    failed = 0
-    for r in predict_files(args.weights, args.images, args.top_k):
-        print(json.dumps(r), flush=True)
-        failed += "error" in r
+    failed = total = 0
+    sink = open(args.csv, "w", newline="") if args.csv else None
+    writer = csv.writer(sink) if sink else None
+    if writer:
+        writer.writerow(["image", "class", "prob", "error"])
+    try:
+        for r in predict_files(args.weights, args.images, args.top_k, args.batch_size, args.device, args.tta):
+            total += 1
+            failed += "error" in r
+            if writer:
+                best = r.get("predictions", [{}])[0]
+                writer.writerow([r["image"], best.get("class", ""), best.get("prob", ""), r.get("error", "")])
+            else:
+                print(json.dumps(r), flush=True)
+    finally:
+        if sink:
+            sink.close()
+    if args.csv:
+        print(f"{total - failed} of {total} images classified; wrote {args.csv}")
     if failed:
-        print(f"dtl: error: {failed} of {len(args.images)} images could not be read (see their 'error')",
-              file=sys.stderr)
+        print(f"dtl: error: {failed} of {total} images could not be read (see their 'error')", file=sys.stderr)
         return 2
     return 0
 
@@ -84,6 +100,18 @@ def _lr_find(args: argparse.Namespace) -> None:
     print(f"stage {r['stage']} ({', '.join(r['trainable_groups'])}): {len(r['lrs'])} steps, loss "
           f"{r['losses'][0]:.3f} -> min {min(r['losses']):.3f}")
     print(f"suggested optim.lr={r['suggested_lr']:.2e}   (curve: {out}/lr_find.png)")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from dtl.classification_metrics import format_confusion
+    from dtl.model_eval import evaluate_export
+
+    r = evaluate_export(args.weights, args.data, args.split, args.tta, args.out, args.batch_size, args.num_workers)
+    m = r["metrics"]
+    print(f"{args.split}: acc {m['acc']:.4f}  macro-F1 {m['macro_f1']:.4f}  balanced acc {m['balanced_acc']:.4f}  "
+          f"loss {m['loss']:.4f}  ({m['samples']} samples)")
+    print(format_confusion(r["confusion"], r["classes"]))
+    print(f"report: {r['out']}/report/report.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,13 +184,30 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="folder for lr_find.png (default: the config's output_dir)")
     f.add_argument("overrides", nargs="*", help="dotted config overrides")
 
+    e = sub.add_parser("eval", help="evaluate an exported model on a shard split; writes a report",
+                       formatter_class=fmt, epilog=EPILOG,
+                       description="Metrics, confusion matrix and the report (confusion.png, per_class.csv, "
+                                   "top_losses.png) of an exported model on any shard split; also under "
+                                   "accelerate launch, each process evaluating its share.")
+    e.add_argument("weights", help="model.safetensors or best.safetensors written by a dtl run")
+    e.add_argument("--data", required=True, help="folder or URL prefix holding dataset.json and the shards")
+    e.add_argument("--split", default="test", help="split of dataset.json to evaluate")
+    e.add_argument("--tta", choices=["none", "hflip", "flips"], default="none", help="test-time augmentation")
+    e.add_argument("--out", help="folder for eval.json and report/ (default: next to the weights, eval-SPLIT)")
+    e.add_argument("--batch-size", type=int, default=64, help="per process")
+    e.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
+
     r = sub.add_parser("predict", help="classify images with an exported model.safetensors", formatter_class=fmt,
                        description="Classify images with an exported model (no training config needed); one JSON "
                                    "line per image. An unreadable image gets an 'error' line, the rest are still "
                                    "classified, and the exit code is 2.", epilog=EPILOG)
     r.add_argument("weights", help="model.safetensors or best.safetensors written by a dtl run")
-    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("images", nargs="+", help="image files, folders (searched recursively) or globs")
     r.add_argument("--top-k", type=int, default=1, help="how many classes to list per image, most probable first")
+    r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+    r.add_argument("--tta", choices=["none", "hflip", "flips"], default="none", help="test-time augmentation")
+    r.add_argument("--csv", help="write image, class, prob, error rows here instead of JSON lines")
 
     sub.add_parser("train", help="train in one process (dtl/train.py's arguments; see `dtl train --help`)",
                    add_help=False)
@@ -181,7 +226,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return launch_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"shards": _shards, "groups": _groups, "config": _config, "compare": _compare, "lr-find": _lr_find,
+        return {"shards": _shards, "groups": _groups, "config": _config, "compare": _compare, "lr-find": _lr_find, "eval": _eval,
                 "predict": _predict}[args.command](args) or 0
     except DtlError as e:
         return print_error(e)

@@ -1,36 +1,58 @@
-"""Classify images with an exported `model.safetensors`: no training config, no dtl run needed."""
+"""Classify images with an exported `model.safetensors`: no training config, no dtl run needed.
+
+Files, folders (searched recursively for images) and globs; batched on the chosen device; an
+unreadable file gets an error line and the others are still classified.
+"""
 from __future__ import annotations
 
+import glob
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from PIL import Image
 
 from dtl.checkpoints import load_exported
 from dtl.data_pipeline import build_transform
+from dtl.dataset_index import IMAGE_EXTENSIONS
+from dtl.evaluation import predict_logits
 from dtl.run_config import AugmentConfig
 
-BATCH = 32
+
+def expand_inputs(items: list[str | Path]) -> list[str]:
+    """Files as given; folders -> their images (sorted, recursive); globs -> their matches."""
+    out: list[str] = []
+    for item in map(str, items):
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+        elif any(c in item for c in "*?[") and not p.exists():
+            out += sorted(glob.glob(item, recursive=True))
+        else:
+            out.append(item)
+    return out
 
 
-def predict_files(weights: str | Path, images: list[str | Path], top_k: int = 1) -> Iterator[dict]:
+def predict_files(weights: str | Path, images: list[str | Path], top_k: int = 1, batch_size: int = 32,
+                  device: Optional[str] = None, tta: str = "none") -> Iterator[dict]:
     """One result per image, in order; an unreadable image yields {"image", "error"} and the rest go on."""
     model, meta = load_exported(weights)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev)
     transform = build_transform(meta["preprocessing"], train=False, aug=AugmentConfig())
     classes = meta["classes"]
     pending: list[tuple[str, torch.Tensor]] = []
 
     def flush() -> Iterator[dict]:
         with torch.no_grad():
-            probs = model(torch.stack([t for _, t in pending])).softmax(1)
+            probs = predict_logits(model, torch.stack([t for _, t in pending]).to(dev), tta).float().softmax(1).cpu()
         for (path, _), p in zip(pending, probs):
             top = p.topk(min(top_k, len(classes)))
             yield {"image": path, "predictions": [{"class": classes[i], "prob": float(v)}
                                                   for v, i in zip(top.values, top.indices)]}
         pending.clear()
 
-    for path in images:
+    for path in expand_inputs(images):
         try:
             with Image.open(path) as img:
                 tensor = transform(img.convert("RGB"))
@@ -39,7 +61,7 @@ def predict_files(weights: str | Path, images: list[str | Path], top_k: int = 1)
             yield {"image": str(path), "error": f"cannot read image ({type(e).__name__}: {e})"}
             continue
         pending.append((str(path), tensor))
-        if len(pending) == BATCH:
+        if len(pending) == batch_size:
             yield from flush()
     if pending:
         yield from flush()

@@ -25,3 +25,28 @@ def test_report_pictures_csv_and_markdown(tmp_path, shard_dir, probe):
     assert len(list(csv.DictReader(open(out / "top_losses.csv")))) == 15  # fewer test images than 16
     md = (out / "report.md").read_text()
     assert f"{summary['test/acc']:.4f}" in md and "![confusion matrix](confusion.png)" in md
+
+
+def test_dtl_eval_and_predict_at_scale(tmp_path, shard_dir, image_folder):
+    import json
+    import subprocess
+    import sys
+
+    train(Config.model_validate(tiny_config(tmp_path, shard_dir, epochs=1)))
+    weights = tmp_path / "run" / "model.safetensors"
+    r = subprocess.run([sys.executable, "-m", "dtl.cli", "eval", str(weights), "--data", str(shard_dir),
+                        "--out", str(tmp_path / "ev"), "--tta", "hflip"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert ev["samples"] == 15 and sum(map(sum, ev["confusion"])) == 15 and "test: acc" in r.stdout
+    assert (tmp_path / "ev" / "report" / "confusion.png").stat().st_size > 15_000
+    (image_folder / "broken.jpg").write_bytes(b"no")
+    try:
+        r = subprocess.run([sys.executable, "-m", "dtl.cli", "predict", str(weights), str(image_folder / "circle"),
+                            str(image_folder / "square" / "*.png"), str(image_folder / "broken.jpg"),
+                            "--csv", str(tmp_path / "p.csv"), "--batch-size", "7"], capture_output=True, text=True)
+    finally:
+        (image_folder / "broken.jpg").unlink()
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert r.returncode == 2 and len(rows) == 24 + 6 + 1
+    assert rows[-1]["error"] and all(row["class"] in CLASSES for row in rows[:-1])

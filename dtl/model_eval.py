@@ -1,0 +1,48 @@
+"""`dtl eval WEIGHTS --data ROOT`: an exported model on any shard split, with the run's report.
+
+Single process, or every process of an `accelerate launch` (each evaluates its share, exactly once
+across ranks). Writes OUT/report/ (confusion, per-class CSV, top losses, report.md) and
+OUT/eval.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from accelerate import Accelerator
+
+from dtl.checkpoints import load_exported
+from dtl.data_pipeline import Data, build_transform
+from dtl.dataset_index import DataError, read_index, resolve_classes, split_source
+from dtl.evaluation import evaluate
+from dtl.parallel_strategy import ParallelStrategy
+from dtl.run_config import AugmentConfig
+from dtl.run_report import write_test_report
+from dtl.shard_stream import ShardStream, StreamOptions
+
+
+def evaluate_export(weights: str, root: str, split: str = "test", tta: str = "none", out: Optional[str] = None,
+                    batch_size: int = 64, num_workers: int = 2) -> dict:
+    """Metrics of `weights` on `root`'s `split`; the classes must be the model's."""
+    model, meta = load_exported(weights)
+    index = read_index(root)
+    classes = resolve_classes(root, None, index)
+    if classes != meta["classes"]:
+        raise DataError(f"{root}: classes {classes} differ from the model's {meta['classes']} ({weights})")
+    acc = Accelerator()
+    source = split_source(root, split, index, {}, {})
+    stream = ShardStream(source, build_transform(meta["preprocessing"], False, AugmentConfig()),
+                         StreamOptions(classes=classes), acc.process_index, acc.num_processes, num_workers)
+    data = Data(classes, stream, None, stream, batch_size, batch_size, num_workers)
+    model = acc.prepare_model(model, evaluation_mode=True)
+    result = evaluate(acc, ParallelStrategy(acc), model, data, stream, len(classes), split,
+                      meta["preprocessing"]["input_size"], tta=tta)
+    out_dir = Path(out or Path(weights).parent / f"eval-{split}")
+    if acc.is_main_process:
+        (out_dir / "report").mkdir(parents=True, exist_ok=True)
+        write_test_report(result, classes, source.urls, out_dir / "report")
+        record = {"weights": str(weights), "data": root, "split": split, "tta": tta, **result.metrics,
+                  "confusion": result.confusion.tolist()}
+        (out_dir / "eval.json").write_text(json.dumps(record, indent=1))
+    return {"metrics": result.metrics, "confusion": result.confusion, "out": out_dir, "classes": classes}
