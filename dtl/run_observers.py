@@ -140,27 +140,92 @@ class StepRows:
 
 
 class WandbTracker(Observer):
-    """The run in W&B through accelerate's tracker: config, one row per step, the final summary."""
+    """The run in W&B through accelerate's tracker: config, one row per step (and `epoch`, declared
+    as the step metric of per-epoch values), confusion matrices, per-class and prediction tables
+    with images, PR/ROC curves and top losses of the test, model and dataset artifacts.
+
+    A resumed or requeued run continues the same W&B run; what is logged once (the dataset
+    artifact, the validation sample) is logged by a fresh run only, and models only at the end,
+    so nothing is duplicated.
+    """
 
     def __init__(self, init_kwargs: dict):
         self.init_kwargs = init_kwargs
         self.rows: Optional[StepRows] = None
+        self.sample: list[str] = []
+
+    def _wb(self, run):
+        return run.accelerator.get_tracker("wandb", unwrap=True)
 
     def run_start(self, run) -> None:
+        from dtl import wandb_media
+
         run.accelerator.init_trackers(run.cfg.wandb.project, config=run.cfg.model_dump(mode="json"),
                                       init_kwargs=self.init_kwargs)
         self.rows = StepRows(run.accelerator)
         (run.out / "wandb_run_id").write_text(run.state.wandb_run_id or "")
+        wb = self._wb(run)
+        wb.define_metric("epoch")
+        for pattern in ("train/loss", "train/acc", "train/img_per_s", "val/*", "val_ema/*", "epoch_time_s"):
+            wb.define_metric(pattern, step_metric="epoch")
+        if run.resumed_from is None:
+            sources = {k: s.source for k, s in (("train", run.data.train), ("val", run.data.val),
+                                                ("test", run.data.test)) if s is not None}
+            name = wandb_media.safe_name(f"dataset-{Path(run.cfg.data.root).name}")
+            art = wandb_media.dataset_artifact(run.cfg.data.root, sources, run.classes, name)
+            # W&B refuses use_artifact offline: there the dataset is logged by the run (uploaded by
+            # `wandb sync`); online the run uses it, so W&B shows data -> run -> model.
+            wb.log_artifact(art) if wb.settings.mode == "offline" or wb.offline else wb.use_artifact(art)
 
     def step_end(self, run, record: dict) -> None:
         self.rows.log(numeric(record), run.state.step)
 
-    epoch_end = step_end
-    probe_end = step_end
+    def probe_end(self, run, record: dict) -> None:
+        self.rows.log({**numeric(record), "epoch": 0}, run.state.step)
+
+    def epoch_end(self, run, record: dict) -> None:
+        self.rows.log({**numeric(record), "epoch": run.state.epoch + 1}, run.state.step)
+
+    def eval_end(self, run, split: str, result) -> None:
+        from dtl import wandb_media
+
+        if split not in ("val", "test"):
+            return
+        items = wandb_media.eval_media(result, run.classes, split, curves=split == "test")
+        if split == "val":
+            if not self.sample and result.keys:
+                self.sample = wandb_media.sample_keys(result.keys, run.cfg.seed)
+                if run.resumed_from is None:
+                    labels = {k: int(y) for k, y in zip(result.keys, result.labels)}
+                    items["val/sample"] = wandb_media.sample_table(self.sample, run.data.val.source.urls, labels,
+                                                                   run.classes)
+            items["val/predictions"] = wandb_media.predictions_table(result, self.sample, run.classes,
+                                                                     run.state.epoch + 1)
+        else:
+            top = wandb_media.top_losses_table(result, run.classes, run.data.test.source.urls)
+            if top is not None:
+                items["test/top_losses"] = top
+        self.rows.log(items, run.state.step)
 
     def fit_end(self, run, result) -> None:
         if result.status == "finished":
             self.rows.log(numeric(result.summary), run.state.step)
         self.rows.flush()
-        if result.status == "finished":
-            run.accelerator.get_tracker("wandb", unwrap=True).summary.update(numeric(result.summary))
+        if result.status != "finished":
+            return
+        self._wb(run).summary.update(numeric(result.summary))
+        self._log_models(run, result.summary)
+
+    def _log_models(self, run, summary: dict) -> None:
+        """best.safetensors (alias best) and model.safetensors (alias latest): two versions per run."""
+        from dtl import wandb_media
+
+        wb = self._wb(run)
+        name = wandb_media.safe_name(f"model-{run.state.wandb_run_id}")
+        meta = {"backbone": run.cfg.model.backbone, "classes": run.classes, "preprocessing": run.pre,
+                "metrics": numeric(summary), "monitor": run.cfg.checkpoint.monitor,
+                "config": run.cfg.model_dump(mode="json")}
+        for file, alias in (("best.safetensors", "best"), ("model.safetensors", "latest")):
+            if (run.out / file).is_file():
+                wb.log_artifact(wandb_media.model_artifact(run.out / file, name, {**meta, "file": file}),
+                                aliases=[alias])

@@ -71,3 +71,8 @@ def config(path: str | Path) -> dict:
 
 def summary(path: str | Path) -> dict:
     return _updates(path, "summary")
+
+
+def artifacts(path: str | Path) -> list:
+    """The `artifact` records of a run file (tables, models, datasets), in order."""
+    return [r.artifact for r in read_records(path) if r.WhichOneof("record_type") == "artifact"]
