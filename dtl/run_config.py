@@ -200,6 +200,8 @@ class Config(_Strict):
                                             "continues by itself), 'never' (refuses an output_dir that holds "
                                             "checkpoints) or a checkpoint folder")
     log_every_steps: int = Field(10, ge=1, description="step records (loss, lrs) every this many optimizer steps")
+    report: bool = Field(True, description="write output_dir/report/: curves, confusion matrix, per-class CSV, "
+                                           "top-loss images, report.md")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap, for smoke tests")
     stop_after_steps: Optional[int] = Field(
         None, ge=1, description="checkpoint and stop after this many optimizer steps, as on preemption "

@@ -35,6 +35,7 @@ from dtl.preemption import PreemptionHandler
 from dtl.run_config import Config, ConfigError, config_changes, dump_config
 from dtl.run_events import Events, Observer
 from dtl.run_observers import Console, MetricsFile, WandbTracker, wandb_settings
+from dtl.run_report import RunReport
 
 
 @dataclass
@@ -133,6 +134,8 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
 
     init_kwargs = wandb_settings(cfg, out, state.wandb_run_id)
     watchers: list[Observer] = [MetricsFile(out / "metrics.jsonl"), Console()]
+    if cfg.report:
+        watchers.append(RunReport())
     if init_kwargs:
         watchers.append(WandbTracker(init_kwargs))
     events = Events([*watchers, *observers], accelerator.is_main_process)
