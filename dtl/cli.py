@@ -115,11 +115,25 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="dtl", description="Distributed transfer learning of image classifiers.",
                                 epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
+    _add_data_commands(sub)
+    _add_model_commands(sub)
+    _add_use_commands(sub)
+    sub.add_parser("train", help="train in one process (dtl/train.py's arguments; see `dtl train --help`)",
+                   add_help=False)
+    sub.add_parser("launch", help="accelerate launch for this node of a Slurm job (--dry-run: every node's)",
+                   add_help=False)
+    return p
 
+
+FMT = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _add_data_commands(sub) -> None:
+    """dtl shards {elpv, imagefolder, index}."""
+    fmt = FMT
     s = sub.add_parser("shards", help="write WebDataset shards + dataset.json",
                        description="Write labelled images as WebDataset shards with a dataset.json index.")
     s_sub = s.add_subparsers(dest="source", required=True)
@@ -144,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--classes", required=True, help="comma-separated class names, in label order")
     q.add_argument("--label-field", default="cls", help="cls, txt or json.FIELD")
 
+
+
+def _add_model_commands(sub) -> None:
+    """dtl groups, config, compare, lr-find."""
+    fmt = FMT
     g = sub.add_parser("groups", help="print a model's layer groups with parameter counts", formatter_class=fmt,
                        description="The layer groups the fine-tune plan unfreezes, input to head, with their "
                                    "parameter counts and what each holds.", epilog=EPILOG)
@@ -184,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="folder for lr_find.png (default: the config's output_dir)")
     f.add_argument("overrides", nargs="*", help="dotted config overrides")
 
+
+
+def _add_use_commands(sub) -> None:
+    """dtl eval, predict."""
+    fmt = FMT
     e = sub.add_parser("eval", help="evaluate an exported model on a shard split; writes a report",
                        formatter_class=fmt, epilog=EPILOG,
                        description="Metrics, confusion matrix and the report (confusion.png, per_class.csv, "
@@ -208,12 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     r.add_argument("--tta", choices=["none", "hflip", "flips"], default="none", help="test-time augmentation")
     r.add_argument("--csv", help="write image, class, prob, error rows here instead of JSON lines")
-
-    sub.add_parser("train", help="train in one process (dtl/train.py's arguments; see `dtl train --help`)",
-                   add_help=False)
-    sub.add_parser("launch", help="accelerate launch for this node of a Slurm job (--dry-run: every node's)",
-                   add_help=False)
-    return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
