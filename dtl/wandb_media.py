@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from dtl.dataset_index import index_path
 from dtl.run_report import _images_for, per_class
 
 SAMPLE_SIZE = 64
@@ -107,7 +108,7 @@ def dataset_artifact(root: str, sources: dict, classes: list[str], name: str):
 
     art = wandb.Artifact(name, type="dataset", metadata={"root": root, "classes": classes,
                                                          "splits": {k: s.total for k, s in sources.items()}})
-    refs = [str(Path(root) / "dataset.json")] if "://" not in root else [root.rstrip("/") + "/dataset.json"]
+    refs = [index_path(root)]
     refs += [u for s in sources.values() for u in s.urls]
     for ref in refs:
         if ref.startswith("pipe:"):
