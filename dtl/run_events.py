@@ -11,7 +11,7 @@ FSDP, an observer that gathers weights must be one of these).
 | probe_end(run, record)     | after the LP-FT probe (`finetune.probe`), before epoch 1 | its record: val metrics, epochs, timings |
 | stage_start(run, stage, n) | when an epoch starts a new fine-tune stage               | the `Stage`, trainable parameter count |
 | step_end(run, record)      | every `log_every_steps` optimizer steps                  | loss of the step, per-group lrs used by it |
-| eval_end(run, split, res)  | after each evaluation (val per epoch, test at the end)   | an `EvalResult`: reduced metrics, confusion matrix, per-sample keys, labels, probabilities (bounded) |
+| eval_end(run, split, res)  | after each evaluation (val per epoch and after the probe; test for the selected weights, test_final for the final ones when they differ) | an `EvalResult`: reduced metrics, confusion matrix, per-sample keys, labels, probabilities (bounded) |
 | epoch_end(run, record)     | after an epoch's training, BN sync, validation and best-model update; before its checkpoint | the epoch record (what metrics.jsonl gets) |
 | fit_end(run, result)       | once, when the run finishes or stops (preemption, `stop_after_steps`) | the `RunResult` |
 

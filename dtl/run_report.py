@@ -176,14 +176,19 @@ def _images_for(keys: set[str], urls: list[str]) -> dict:
     return found
 
 
+def top_loss_order(result, k: int) -> tuple[list[int], torch.Tensor]:
+    """Indices of the `k` samples with the highest loss (most confidently wrong first), and every loss."""
+    loss = -result.probs[torch.arange(len(result.labels)), result.labels].clamp_min(1e-12).log()
+    return [int(i) for i in loss.argsort(descending=True)[:k]], loss
+
+
 def plot_top_losses(result, classes: list[str], urls: list[str], path: Path, k: int) -> list[dict]:
     """The `k` test images with the highest loss, title: true / predicted (probability)."""
     plt = _plt()
     probs, labels = result.probs, result.labels
     if probs is None or not len(labels):
         return []
-    loss = -probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log()
-    order = [int(i) for i in loss.argsort(descending=True)[:k]]
+    order, loss = top_loss_order(result, k)
     images = _images_for({result.keys[i] for i in order}, urls)
     cols = min(4, len(order))
     rows_n = max(1, math.ceil(len(order) / cols))

@@ -11,10 +11,9 @@ import random
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from dtl.dataset_index import index_path
-from dtl.run_report import _images_for, per_class
+from dtl.run_report import _images_for, per_class, top_loss_order
 
 SAMPLE_SIZE = 64
 
@@ -91,8 +90,7 @@ def top_losses_table(result, classes: list[str], urls: list[str], k: int = 32):
 
     if result.probs is None or not len(result.labels):
         return None
-    loss = -result.probs[torch.arange(len(result.labels)), result.labels].clamp_min(1e-12).log()
-    order = [int(i) for i in loss.argsort(descending=True)[:k]]
+    order, loss = top_loss_order(result, k)
     images = _images_for({result.keys[i] for i in order}, urls)
     rows = []
     for i in order:
