@@ -42,7 +42,7 @@ def fsdp_plugin(cfg: Config) -> Optional[FullyShardedDataParallelPlugin]:
         "param_dtype": low, "reduce_dtype": torch.float32, "output_dtype": low})
 
 
-def create_accelerator(cfg: Config, project_dir: str, log_with: Optional[str]) -> Accelerator:
+def create_accelerator(cfg: Config, project_dir: str, log_with: Optional[list] = None) -> Accelerator:
     """Accelerate as launched (single process, torchrun/accelerate launch DDP, FSDP).
 
     Without cpu=True accelerate treats torchrun/accelerate-launch processes on a machine with no
@@ -50,7 +50,7 @@ def create_accelerator(cfg: Config, project_dir: str, log_with: Optional[str]) -
     group (MULTI_CPU) is what they need.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with,
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with or None,
                               gradient_accumulation_steps=cfg.optim.grad_accum_steps, project_dir=project_dir,
                               cpu=world > 1 and not torch.cuda.is_available(), fsdp_plugin=fsdp_plugin(cfg))
     if accelerator.num_processes != world:

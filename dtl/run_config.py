@@ -200,6 +200,8 @@ class Config(_Strict):
                                             "continues by itself), 'never' (refuses an output_dir that holds "
                                             "checkpoints) or a checkpoint folder")
     log_every_steps: int = Field(10, ge=1, description="step records (loss, lrs) every this many optimizer steps")
+    tensorboard: bool = Field(False, description="also log to TensorBoard under output_dir/tensorboard: the scalars "
+                                                 "and the confusion matrix of each evaluation (pip install 'dtl[tensorboard]')")
     report: bool = Field(True, description="write output_dir/report/: curves, confusion matrix, per-class CSV, "
                                            "top-loss images, report.md")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap, for smoke tests")

@@ -1,4 +1,4 @@
-"""The observers every run has: metrics.jsonl, the console, and accelerate's W&B tracker.
+"""The observers every run has: metrics.jsonl, the console, and accelerate's trackers (W&B, TensorBoard).
 
 Each one is attached to the event seam (`run_events`); none is called from the loop.
 """
@@ -139,20 +139,81 @@ class StepRows:
             self.row = {}
 
 
+def flat_config(config: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys with scalar values: TensorBoard's hparams take nothing else."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{key}."))
+        else:
+            out[key] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+class TrackerRows(Observer):
+    """Starts accelerate's trackers (W&B, TensorBoard) and sends them every scalar: one row per
+    logged step, the epoch records (with `epoch`), the probe's and the final summary."""
+
+    def __init__(self, init_kwargs: dict):
+        self.init_kwargs = init_kwargs
+        self.rows: Optional[StepRows] = None
+
+    def run_start(self, run) -> None:
+        acc = run.accelerator
+        acc.init_trackers(run.cfg.wandb.project, init_kwargs=self.init_kwargs)
+        config = run.cfg.model_dump(mode="json")
+        for tracker in acc.trackers:  # hparams must be flat scalars for TensorBoard, W&B keeps the nesting
+            tracker.store_init_configuration(flat_config(config) if tracker.name == "tensorboard" else config)
+        self.rows = StepRows(acc)
+
+    def step_end(self, run, record: dict) -> None:
+        self.rows.log(numeric(record), run.state.step)
+
+    def probe_end(self, run, record: dict) -> None:
+        self.rows.log({**numeric(record), "epoch": 0}, run.state.step)
+
+    def epoch_end(self, run, record: dict) -> None:
+        self.rows.log({**numeric(record), "epoch": run.state.epoch + 1}, run.state.step)
+
+    def fit_end(self, run, result) -> None:
+        if result.status == "finished":
+            self.rows.log(numeric(result.summary), run.state.step)
+        self.rows.flush()
+
+
+class TensorBoardFigures(Observer):
+    """What TensorBoard shows beyond the scalars: the confusion matrix of every evaluation as a figure."""
+
+    def eval_end(self, run, split: str, result) -> None:
+        from dtl.run_report import confusion_figure
+
+        if result.confusion is None:
+            return
+        writer = run.accelerator.get_tracker("tensorboard", unwrap=True)
+        title = f"{split} (epoch {run.state.epoch + 1})" if split.startswith("val") else split
+        writer.add_figure(f"{split}/confusion", confusion_figure(result.confusion, run.classes, title),
+                          global_step=run.state.step, close=True)
+        writer.flush()
+
+
 class WandbTracker(Observer):
-    """The run in W&B through accelerate's tracker: config, one row per step (and `epoch`, declared
-    as the step metric of per-epoch values), confusion matrices, per-class and prediction tables
-    with images, PR/ROC curves and top losses of the test, model and dataset artifacts.
+    """The run in W&B beyond the scalars of `TrackerRows`: `epoch` declared as the step metric of
+    per-epoch values, confusion matrices, per-class and prediction tables with images, PR/ROC
+    curves and top losses of the test, model and dataset artifacts.
 
     A resumed or requeued run continues the same W&B run; what is logged once (the dataset
     artifact, the validation sample) is logged by a fresh run only, and models only at the end,
     so nothing is duplicated.
     """
 
-    def __init__(self, init_kwargs: dict):
-        self.init_kwargs = init_kwargs
-        self.rows: Optional[StepRows] = None
+    def __init__(self, rows: TrackerRows):
+        self.tracker_rows = rows
         self.sample: list[str] = []
+
+    @property
+    def rows(self) -> StepRows:
+        return self.tracker_rows.rows
 
     def _wb(self, run):
         return run.accelerator.get_tracker("wandb", unwrap=True)
@@ -160,9 +221,6 @@ class WandbTracker(Observer):
     def run_start(self, run) -> None:
         from dtl import wandb_media
 
-        run.accelerator.init_trackers(run.cfg.wandb.project, config=run.cfg.model_dump(mode="json"),
-                                      init_kwargs=self.init_kwargs)
-        self.rows = StepRows(run.accelerator)
         (run.out / "wandb_run_id").write_text(run.state.wandb_run_id or "")
         wb = self._wb(run)
         wb.define_metric("epoch")
@@ -176,15 +234,6 @@ class WandbTracker(Observer):
             # W&B refuses use_artifact offline: there the dataset is logged by the run (uploaded by
             # `wandb sync`); online the run uses it, so W&B shows data -> run -> model.
             wb.log_artifact(art) if wb.settings.mode == "offline" or wb.offline else wb.use_artifact(art)
-
-    def step_end(self, run, record: dict) -> None:
-        self.rows.log(numeric(record), run.state.step)
-
-    def probe_end(self, run, record: dict) -> None:
-        self.rows.log({**numeric(record), "epoch": 0}, run.state.step)
-
-    def epoch_end(self, run, record: dict) -> None:
-        self.rows.log({**numeric(record), "epoch": run.state.epoch + 1}, run.state.step)
 
     def eval_end(self, run, split: str, result) -> None:
         from dtl import wandb_media
@@ -208,9 +257,6 @@ class WandbTracker(Observer):
         self.rows.log(items, run.state.step)
 
     def fit_end(self, run, result) -> None:
-        if result.status == "finished":
-            self.rows.log(numeric(result.summary), run.state.step)
-        self.rows.flush()
         if result.status != "finished":
             return
         self._wb(run).summary.update(numeric(result.summary))

@@ -137,6 +137,14 @@ def per_class(cm: torch.Tensor, classes: list[str]) -> list[dict]:
 
 def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
     plt = _plt()
+    fig = confusion_figure(cm, classes, title)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def confusion_figure(cm: torch.Tensor, classes: list[str], title: str):
+    """Counts and row-normalised side by side, class names on the axes (the report's and TensorBoard's)."""
+    plt = _plt()
     cm = cm.double()
     norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
     n = len(classes)
@@ -159,8 +167,7 @@ def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path, title: str)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 def _images_for(keys: set[str], urls: list[str]) -> dict:

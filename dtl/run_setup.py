@@ -34,7 +34,7 @@ from dtl.parallel_strategy import ParallelStrategy, create_accelerator
 from dtl.preemption import PreemptionHandler
 from dtl.run_config import Config, ConfigError, config_changes, dump_config
 from dtl.run_events import Events, Observer
-from dtl.run_observers import Console, MetricsFile, WandbTracker, wandb_settings
+from dtl.run_observers import Console, MetricsFile, TensorBoardFigures, TrackerRows, WandbTracker, wandb_settings
 from dtl.run_report import RunReport
 
 
@@ -110,7 +110,7 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     """Everything `train()` needs, resumed from the latest checkpoint when there is one."""
     threads = configure_cpu_threads(cfg.data.num_workers)
     out = Path(cfg.output_dir)
-    accelerator = create_accelerator(cfg, str(out), log_with="wandb" if _wants_wandb(cfg) else None)
+    accelerator = create_accelerator(cfg, str(out), log_with=_trackers(cfg, out))
     if threads:
         accelerator.print(threads)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
@@ -136,8 +136,13 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     watchers: list[Observer] = [MetricsFile(out / "metrics.jsonl"), Console()]
     if cfg.report:
         watchers.append(RunReport())
-    if init_kwargs:
-        watchers.append(WandbTracker(init_kwargs))
+    if init_kwargs or cfg.tensorboard:
+        rows = TrackerRows(init_kwargs or {})
+        watchers.append(rows)
+        if init_kwargs:
+            watchers.append(WandbTracker(rows))
+        if cfg.tensorboard:
+            watchers.append(TensorBoardFigures())
     events = Events([*watchers, *observers], accelerator.is_main_process)
     return Run(cfg, out, accelerator, strategy, model, optimizer, scheduler, criterion, data, classes, plan, pre,
                state, events, PreemptionHandler(accelerator), steps_per_epoch,
@@ -172,6 +177,20 @@ def _build_ema(cfg: Config, accelerator: Accelerator, model: nn.Module, strategy
 
 def _wants_wandb(cfg: Config) -> bool:
     return cfg.wandb.enabled and os.environ.get("WANDB_MODE", cfg.wandb.mode) != "disabled"
+
+
+def _trackers(cfg: Config, out: Path) -> list:
+    """accelerate's `log_with`: W&B unless off, TensorBoard (under output_dir/tensorboard) if asked."""
+    trackers: list = ["wandb"] if _wants_wandb(cfg) else []
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        except ImportError:
+            raise ConfigError("tensorboard=true needs the tensorboard package: pip install 'dtl[tensorboard]'") from None
+        from accelerate.tracking import TensorBoardTracker
+
+        trackers.append(TensorBoardTracker("tensorboard", str(out)))
+    return trackers
 
 
 def _find_resume(accelerator: Accelerator, cfg: Config, out: Path) -> tuple[Optional[Path], Optional[ckpt.TrainState]]:

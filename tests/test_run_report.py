@@ -49,3 +49,21 @@ def test_dtl_eval_and_predict_at_scale(tmp_path, shard_dir, image_folder):
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert r.returncode == 2 and len(rows) == 24 + 6 + 1
     assert rows[-1]["error"] and all(row["class"] in CLASSES for row in rows[:-1])
+
+
+def test_tensorboard_scalars_and_confusion_figures(tmp_path, shard_dir):
+    """TensorBoard as the second tracker (W&B off here): read the event files back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(tmp_path, shard_dir, epochs=2, tensorboard=True, report=False)
+    train(Config.model_validate(cfg))
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"train/loss", "val/acc", "val/macro_f1", "epoch", "test/acc"} <= set(tags["scalars"])
+    assert [e.value for e in acc.Scalars("epoch")] == [1.0, 2.0]
+    val_acc = [e.value for e in acc.Scalars("val/acc")]
+    assert len(val_acc) == 2 and all(0 <= v <= 1 for v in val_acc)
+    assert {"val/confusion", "test/confusion"} <= set(tags["images"])
+    figures = acc.Images("val/confusion")
+    assert len(figures) == 2 and figures[0].width > 500 and figures[0].height > 300
