@@ -41,6 +41,13 @@ def progress_bars_off(accelerator: Accelerator) -> bool:
     return not (accelerator.is_local_main_process and sys.stderr.isatty())
 
 
+def as_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """An image batch on the device, channels-last when the model is (a copy inside every conv otherwise)."""
+    if channels_last and x.dim() == 4:
+        return x.to(device, memory_format=torch.channels_last, non_blocking=True)
+    return x.to(device, non_blocking=True)
+
+
 def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     """The batch and its flips that test-time augmentation averages over."""
     if tta == "none":
@@ -59,9 +66,13 @@ def predict_logits(net: torch.nn.Module, x: torch.Tensor, tta: str) -> torch.Ten
 
 def evaluate(accelerator: Accelerator, strategy: ParallelStrategy, model: torch.nn.Module, data: Data,
              stream: ShardStream, num_classes: int, split: str, input_size: list[int],
-             max_samples: int = MAX_SAMPLES, tta: str = "none") -> EvalResult:
-    """Run `model` over the split; ranks may hold one batch more or less (FSDP ranks join)."""
-    net = strategy.eval_module(model)
+             max_samples: int = MAX_SAMPLES, tta: str = "none", cached: Optional[tuple] = None,
+             channels_last: bool = False) -> EvalResult:
+    """Run `model` over the split; ranks may hold one batch more or less (FSDP ranks join).
+
+    `cached`: (batches, head) to evaluate the head on cached features of a frozen backbone instead
+    (the batches hold the features as "image")."""
+    net = strategy.eval_module(model) if cached is None else cached[1]
     net.eval()
     dev = accelerator.device
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=dev)
@@ -69,7 +80,8 @@ def evaluate(accelerator: Accelerator, strategy: ParallelStrategy, model: torch.
     keep = max(0, max_samples // accelerator.num_processes)
     keys: list[str] = []
     labels, probs = [], []
-    batches = iter(tqdm(data.loader(stream), desc=split, leave=False, disable=progress_bars_off(accelerator)))
+    source = data.loader(stream) if cached is None else cached[0]
+    batches = iter(tqdm(source, desc=split, leave=False, disable=progress_bars_off(accelerator)))
     with torch.no_grad():
         while True:
             batch = next(batches, None)
@@ -79,7 +91,7 @@ def evaluate(accelerator: Accelerator, strategy: ParallelStrategy, model: torch.
                 with accelerator.autocast():
                     predict_logits(net, torch.zeros(1, *input_size, device=dev), tta)
                 continue
-            x, y = batch["image"].to(dev), batch["label"].to(dev)
+            x, y = as_input(batch["image"], dev, channels_last), batch["label"].to(dev)
             with accelerator.autocast():
                 logits = predict_logits(net, x, tta)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()

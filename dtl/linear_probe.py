@@ -31,6 +31,7 @@ from torch import nn
 from dtl.backbones import head_name
 from dtl.classification_metrics import confusion_update, summarize
 from dtl.data_pipeline import build_transform
+from dtl.evaluation import as_input
 from dtl.shard_stream import ShardStream, StreamOptions, make_loader
 from dtl.user_errors import DtlError
 
@@ -61,7 +62,7 @@ def _features(run, stream: ShardStream, epoch: Optional[int]) -> tuple[torch.Ten
         with torch.no_grad():
             for batch in make_loader(stream, run.data.eval_batch_size, run.data.num_workers):
                 with acc.autocast():
-                    net(batch["image"].to(acc.device))
+                    net(as_input(batch["image"], acc.device, run.cfg.model.channels_last))
                 feats.append(captured.pop().flatten(1))
                 labels.append(batch["label"])
     finally:

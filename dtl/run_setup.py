@@ -33,6 +33,7 @@ from dtl.optimization import build_optimizer, build_scheduler
 from dtl.parallel_strategy import ParallelStrategy, create_accelerator
 from dtl.preemption import PreemptionHandler
 from dtl.run_config import Config, ConfigError, config_changes, dump_config
+from dtl.feature_cache import FrozenFeatureCache, build_cache
 from dtl.run_events import Events, Observer
 from dtl.run_observers import Console, MetricsFile, TensorBoardFigures, TrackerRows, WandbTracker, wandb_settings
 from dtl.run_report import RunReport
@@ -63,6 +64,7 @@ class Run:
     wall_before: float             # wall time spent by earlier processes of the run (resumes)
     ema: Optional[ModelEmaV3] = None   # moving average of the weights (`ema.enabled`)
     mixup: Optional[Mixup] = None      # timm's mixup/cutmix of a batch (its loss takes soft targets)
+    features: Optional[FrozenFeatureCache] = None   # cached backbone features for head-only stages
 
     @property
     def monitor_key(self) -> str:
@@ -144,10 +146,12 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
         if cfg.tensorboard:
             watchers.append(TensorBoardFigures())
     events = Events([*watchers, *observers], accelerator.is_main_process)
-    return Run(cfg, out, accelerator, strategy, model, optimizer, scheduler, criterion, data, classes, plan, pre,
-               state, events, PreemptionHandler(accelerator), steps_per_epoch,
-               steps_per_epoch * cfg.optim.grad_accum_steps, resume_from, time.time(), state.wall_time_s,
-               _build_ema(cfg, accelerator, model, strategy, resume_from), mixup)
+    run = Run(cfg, out, accelerator, strategy, model, optimizer, scheduler, criterion, data, classes, plan, pre,
+              state, events, PreemptionHandler(accelerator), steps_per_epoch,
+              steps_per_epoch * cfg.optim.grad_accum_steps, resume_from, time.time(), state.wall_time_s,
+              _build_ema(cfg, accelerator, model, strategy, resume_from), mixup)
+    run.features = build_cache(run)
+    return run
 
 
 def _loss(cfg: Config, data: Data, classes: list[str], accelerator: Accelerator) -> tuple[nn.Module, Optional[Mixup]]:
@@ -225,6 +229,8 @@ def _build_model(accelerator: Accelerator, cfg: Config) -> tuple[nn.Module, list
     model = create_classifier(cfg.model.backbone, len(classes), cfg.model.pretrained,
                               cfg.model.drop_rate, cfg.model.drop_path_rate)
     pre = preprocessing(model, cfg.data.img_size, cfg.data.crop_pct)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     groups = layer_groups(model, cfg.finetune.groups, cfg.finetune.group_regex)
     return model, classes, FinetunePlan(cfg.finetune, groups, cfg.optim.lr), pre
 

@@ -143,6 +143,8 @@ class StreamOptions:
     draft_size: Optional[int] = None
     error_log: Optional[str] = None
     seeded: bool = False   # seed augmentation by (seed, epoch, key) outside training too (probe views)
+    aug_epoch: Optional[int] = None   # seed augmentation as this epoch's (cached feature views)
+    keys_only: bool = False   # labels and keys, no image decoded (the order of a cached epoch)
 
 
 class ShardStream(IterableDataset):
@@ -286,12 +288,15 @@ class ShardStream(IterableDataset):
         url, key = sample.get("__url__"), sample.get("__key__")
         try:
             label = read_label(sample, self.opt.label_field, len(self.opt.classes), self.opt.classes)
+            if self.opt.keys_only:
+                return torch.zeros(0), label, key
             img = decode_image(sample, self.opt.draft_size)
         except Exception as e:
             self._bad(url, key, f"{type(e).__name__}: {e}")
             return None
         if self.opt.train or self.opt.seeded:  # augmentation as a function of (seed, epoch, key): exact on resume
-            seed = zlib.crc32(f"{self.opt.seed}/{self.epoch}/{key}".encode())
+            epoch = self.epoch if self.opt.aug_epoch is None else self.opt.aug_epoch
+            seed = zlib.crc32(f"{self.opt.seed}/{epoch}/{key}".encode())
             torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs 0.1 ms (CUDA bookkeeping)
             random.seed(seed)
         return self.transform(img), label, key

@@ -8,12 +8,14 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dtl.evaluation import progress_bars_off
+from dtl.evaluation import as_input, progress_bars_off
+from dtl.feature_cache import average_head_grads, head_forward
 from dtl.optimization import group_lrs
 
 
@@ -36,26 +38,40 @@ def mix(run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return target
 
 
+def batches(run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Callable, bool]]:
+    """(inputs, labels, forward, cached) per batch of `epoch`: images through the model, or in a
+    head-only stage with the feature cache on, cached backbone features through the head."""
+    dev = run.accelerator.device
+    if run.features is not None and run.features.applies(epoch):
+        forward = head_forward(run)
+        for x, y in run.features.batches(epoch, run.state.batch_in_epoch):
+            yield x.to(dev), y.to(dev), forward, True
+        return
+    run.data.train.set_epoch(epoch, skip_batches=run.state.batch_in_epoch, batch_size=run.data.batch_size)
+    for batch in run.data.loader(run.data.train):
+        yield as_input(batch["image"], dev, run.cfg.model.channels_last), batch["label"].to(dev), run.model, False
+
+
 def train_one_epoch(run, epoch: int) -> EpochStats:
     """Train `epoch` from where `run.state` stands; returns its stats (stopped=True if cut short)."""
     acc, cfg, state = run.accelerator, run.cfg, run.state
     model, optimizer, criterion = run.model, run.optimizer, run.criterion
     run.strategy.train_mode(model, run.plan, run.stage, cfg.finetune.bn_frozen, cfg.finetune.bn_eval)
-    run.data.train.set_epoch(epoch, skip_batches=state.batch_in_epoch, batch_size=run.data.batch_size)
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     correct = torch.zeros((), dtype=torch.long, device=acc.device)
     seen, t0, lrs, stopped = 0, time.time(), group_lrs(optimizer), False
     bar = tqdm(total=run.batches_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}", leave=False,
                disable=progress_bars_off(acc))
-    for batch in run.data.loader(run.data.train):
+    for x, y, forward, cached in batches(run, epoch):
         if state.batch_in_epoch >= run.batches_per_epoch:
             break
-        x, y = batch["image"].to(acc.device), batch["label"].to(acc.device)
         target = y if run.mixup is None else mix(run, x, y)
         with acc.accumulate(model):
-            logits = model(x)
+            logits = forward(x)
             loss = criterion(logits.float(), target)
             acc.backward(loss)
+            if cached and acc.sync_gradients:
+                average_head_grads(run)
             if acc.sync_gradients and cfg.optim.clip_grad_norm:
                 acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.clip_grad_norm)
             optimizer.step()
