@@ -191,16 +191,17 @@ def _init_head(head: nn.Module) -> None:
     uniform(+-0.5) over 1280 features, logits with a std of about 5, and a first epoch spent
     undoing it (measured on ELPV: 47 % val accuracy after the head-only epoch, 70 % with this).
     """
-    for m in head.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(m.weight, std=0.01)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    layers = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for m in layers[-1:]:  # the output layer; an MLP's hidden layers keep PyTorch's init
+        nn.init.trunc_normal_(m.weight, std=0.01)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 def create_classifier(backbone: str, num_classes: int, pretrained: Union[bool, str] = False,
-                      drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
-    """A backbone with a fresh `num_classes` head, weights as `pretrained` says."""
+                      drop_rate: float = 0.0, drop_path_rate: float = 0.0, head: Optional[dict] = None) -> nn.Module:
+    """A backbone with a fresh `num_classes` head, weights as `pretrained` says; `head` (see
+    `classifier_heads.head_spec`) makes it an MLP and/or a single-logit binary head."""
     if num_classes < 2:
         raise BackboneError(f"num_classes must be at least 2, got {num_classes}")
     hub = pretrained is True
@@ -210,6 +211,13 @@ def create_classifier(backbone: str, num_classes: int, pretrained: Union[bool, s
         model = _create_torchvision(backbone[len(TORCHVISION_PREFIX):], hub, num_classes, drop_rate)
     else:
         model = _create_timm(backbone, hub, num_classes, drop_rate, drop_path_rate)
+    if head:
+        from dtl.classifier_heads import build_head, head_in_features
+
+        name = head_name(model)
+        width = head_in_features(model.get_submodule(name))
+        _replace_module(model, name, build_head(width, num_classes, **head))
+        model.dtl_head = name
     _init_head(model.get_submodule(head_name(model)))
     if pretrained == "offline":
         load_backbone_weights(model, offline_state_dict(backbone, model), f"offline weights for {backbone}")

