@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -70,14 +71,15 @@ def _torchvision_head(model: nn.Module, num_classes: int) -> str:
     return name
 
 
-def _create_torchvision(arch: str, pretrained: Union[bool, str], num_classes: int, drop_rate: float) -> nn.Module:
+def _create_torchvision(arch: str, pretrained: Union[bool, str], num_classes: int, drop_rate: float,
+                        aux_logits: bool = False) -> nn.Module:
     import torchvision
 
     known = torchvision.models.list_models(module=torchvision.models)
     if arch not in known:
         raise BackboneError(f"unknown torchvision model {arch!r}.{_suggest(arch, known)}")
     weights = "DEFAULT" if pretrained is True else None
-    kwargs = {"aux_logits": weights is not None} if arch in ("inception_v3", "googlenet") else {}
+    kwargs = {"aux_logits": weights is not None or aux_logits} if arch in ("inception_v3", "googlenet") else {}
     try:
         model = torchvision.models.get_model(arch, weights=weights, **kwargs)
     except (OSError, RuntimeError) as e:
@@ -85,7 +87,10 @@ def _create_torchvision(arch: str, pretrained: Union[bool, str], num_classes: in
             raise BackboneError(f"could not download torchvision weights for {arch} (no internet?): {e}. "
                                 f"Use model.pretrained=false or a local .pth file.") from e
         raise
-    if hasattr(model, "AuxLogits"):  # inception: the auxiliary head is a training trick of ImageNet
+    if hasattr(model, "AuxLogits") and aux_logits:  # trained with its own loss (model.aux_logits_weight)
+        model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, num_classes)
+        model.dtl_extra_heads = ["AuxLogits.fc"]
+    elif hasattr(model, "AuxLogits"):  # inception: the auxiliary head is a training trick of ImageNet
         model.aux_logits, model.AuxLogits = False, None
     if hasattr(model, "aux1"):
         model.aux_logits, model.aux1, model.aux2 = False, None, None
@@ -140,10 +145,10 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
 
 def load_backbone_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Load everything but the head; any other missing, unexpected or mis-shaped key is an error."""
-    head = head_name(model) + "."
+    heads = tuple(h + "." for h in (head_name(model), *getattr(model, "dtl_extra_heads", ())))
     own = model.state_dict()
-    body = {k: v for k, v in sd.items() if not k.startswith(head)}
-    missing = [k for k in own if not k.startswith(head) and k not in body and not k.endswith("num_batches_tracked")]
+    body = {k: v for k, v in sd.items() if not k.startswith(heads)}
+    missing = [k for k in own if not k.startswith(heads) and k not in body and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in body if k not in own]
     shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
               for k, v in body.items() if k in own and v.shape != own[k].shape]
@@ -199,16 +204,30 @@ def _init_head(head: nn.Module) -> None:
 
 
 def create_classifier(backbone: str, num_classes: int, pretrained: Union[bool, str] = False,
-                      drop_rate: float = 0.0, drop_path_rate: float = 0.0, head: Optional[dict] = None) -> nn.Module:
-    """A backbone with a fresh `num_classes` head, weights as `pretrained` says; `head` (see
-    `classifier_heads.head_spec`) makes it an MLP and/or a single-logit binary head."""
+                      drop_rate: float = 0.0, drop_path_rate: float = 0.0, head: Optional[dict] = None,
+                      factory: Optional[dict] = None, weights_map: Union[None, str, list] = None,
+                      aux_logits: bool = False) -> nn.Module:
+    """A backbone with a fresh `num_classes` head, weights as `pretrained` says.
+
+    `head` (see `classifier_heads.head_spec`) makes it an MLP and/or a single-logit binary head.
+    A backbone named `module:function` is the user's own code: `factory` gives its `head_module`
+    (the module the new head replaces) and `kwargs`. `weights_map` renames the weight file's keys
+    (a list of [regex, replacement], or "positional") and makes the load a reported one:
+    `model.dtl_weights_report` says what loaded and what did not. `aux_logits` keeps
+    torchvision Inception's auxiliary classifier (a new one for `num_classes`)."""
     if num_classes < 2:
         raise BackboneError(f"num_classes must be at least 2, got {num_classes}")
     hub = pretrained is True
-    if backbone.startswith(TORCHVISION_PREFIX):
+    if ":" in backbone:
+        if pretrained is True or pretrained == "offline":
+            raise BackboneError(f"model.pretrained={pretrained} is for timm/torchvision models; give {backbone} "
+                                f"a weights file (model.pretrained=PATH)")
+        model = _create_imported(backbone, num_classes, factory or {})
+        head = head or {"hidden": [], "activation": "relu", "dropout": 0.0, "binary": False}
+    elif backbone.startswith(TORCHVISION_PREFIX):
         if pretrained == "offline":
             raise BackboneError("pretrained=offline is available for timm's tf_efficientnet_lite0/1/2 only")
-        model = _create_torchvision(backbone[len(TORCHVISION_PREFIX):], hub, num_classes, drop_rate)
+        model = _create_torchvision(backbone[len(TORCHVISION_PREFIX):], hub, num_classes, drop_rate, aux_logits)
     else:
         model = _create_timm(backbone, hub, num_classes, drop_rate, drop_path_rate)
     if head:
@@ -221,9 +240,73 @@ def create_classifier(backbone: str, num_classes: int, pretrained: Union[bool, s
     _init_head(model.get_submodule(head_name(model)))
     if pretrained == "offline":
         load_backbone_weights(model, offline_state_dict(backbone, model), f"offline weights for {backbone}")
+    elif isinstance(pretrained, str) and weights_map:
+        model.dtl_weights_report = load_mapped_weights(model, read_state_dict(pretrained), pretrained, weights_map)
     elif isinstance(pretrained, str):
         load_backbone_weights(model, read_state_dict(pretrained), pretrained)
     return model
+
+
+def _create_imported(spec: str, num_classes: int, factory: dict) -> nn.Module:
+    """The user's own model: `module:function` called with `factory["kwargs"]`."""
+    module_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise BackboneError(f"model.backbone={spec}: cannot import {fn_name} from {module_name} "
+                            f"({type(e).__name__}: {e}; is its folder on PYTHONPATH?)") from None
+    model = fn(**(factory.get("kwargs") or {}))
+    if not isinstance(model, nn.Module):
+        raise BackboneError(f"model.backbone={spec}: returned {type(model).__name__}, not a torch module")
+    name = factory.get("head_module")
+    if not name:
+        raise BackboneError(f"model.head_module is needed for model.backbone={spec}: the module the new head "
+                            f"replaces (one of {[n for n, _ in model.named_children()]})")
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        raise BackboneError(f"model.head_module={name!r}: {spec}() has no such module "
+                            f"(its children: {[n for n, _ in model.named_children()]})") from None
+    model.dtl_head, model.dtl_arch = name, spec
+    return model
+
+
+def map_keys(sd: dict[str, torch.Tensor], model: nn.Module, weights_map: Union[str, list]) -> dict[str, torch.Tensor]:
+    """The file's keys renamed onto the model's: regex renames in order, or by position (the model's
+    non-head tensors, in order, take the file's first tensors; num_batches_tracked aside)."""
+    if weights_map == "positional":
+        head = head_name(model) + "."
+        dst = [k for k in model.state_dict() if not k.startswith(head) and not k.endswith("num_batches_tracked")]
+        src = [(k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked")]
+        return {**{d: v for d, (_, v) in zip(dst, src)}, **{f"<unused>{k}": v for k, v in src[len(dst):]}}
+    out = {}
+    for key, tensor in sd.items():
+        for pattern, repl in weights_map:
+            key = re.sub(pattern, repl, key)
+        out[key] = tensor
+    return out
+
+
+def load_mapped_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str,
+                        weights_map: Union[str, list]) -> dict:
+    """Load a third-party weight file through a key mapping; returns the report of what did and did
+    not load. A model tensor outside the head left without weights, or a shape that does not fit,
+    is an error; file tensors nothing maps to (the old head, extras) are reported, not loaded."""
+    head = head_name(model) + "."
+    own = model.state_dict()
+    mapped = map_keys(sd, model, weights_map)
+    body = {k: v for k, v in mapped.items() if k in own and not k.startswith(head)}
+    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in body.items()
+              if v.shape != own[k].shape]
+    missing = [k for k in own if not k.startswith(head) and k not in body and not k.endswith("num_batches_tracked")]
+    if shapes or missing:
+        what = "; ".join(f"{t} ({len(ks)}): {', '.join(ks[:4])}{' ...' if len(ks) > 4 else ''}"
+                         for t, ks in (("shape mismatch", shapes), ("model tensors without weights", missing)) if ks)
+        raise BackboneError(f"{source} through model.weights_map does not fit {model.dtl_arch}: {what}")
+    model.load_state_dict(body, strict=False)
+    return {"source": str(source), "loaded": len(body),
+            "not_loaded_head": [k for k in own if k.startswith(head)],
+            "unused_in_file": sorted(k.removeprefix("<unused>") for k in mapped if k not in body)}
 
 
 def preprocessing(model: nn.Module, img_size: Optional[int] = None, crop_pct: Optional[float] = None) -> dict:

@@ -202,7 +202,8 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     from dtl.backbones import create_classifier
 
     meta = read_export_meta(path)
-    model = create_classifier(meta["backbone"], len(meta["classes"]), pretrained=False, head=meta.get("head"))
+    model = create_classifier(meta["backbone"], len(meta["classes"]), pretrained=False, head=meta.get("head"),
+                              factory=meta.get("factory"), aux_logits=bool(meta.get("aux_logits")))
     sd = load_file(str(path))
     try:
         result = model.load_state_dict(sd, strict=False)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from dtl.run_finish import model_head
+from dtl.run_finish import model_build
 from dtl.backbones import create_classifier, preprocessing
 from dtl.data_pipeline import build_data, prepare_shards, run_classes
 from dtl.finetune_plan import FinetunePlan, freeze_batchnorm, set_trainable
@@ -32,7 +32,7 @@ def lr_range_test(cfg: Config, stage_index: int = 0, start_lr: float = 1e-7, end
     prepare_shards(cfg.data, cfg.seed)
     classes = run_classes(cfg.data)
     model = create_classifier(cfg.model.backbone, len(classes), cfg.model.pretrained, cfg.model.drop_rate,
-                              cfg.model.drop_path_rate, head=model_head(cfg))
+                              cfg.model.drop_path_rate, weights_map=cfg.model.weights_map, **model_build(cfg))
     pre = preprocessing(model, cfg.data.img_size, cfg.data.crop_pct)
     groups = layer_groups(model, cfg.finetune.groups, cfg.finetune.group_regex)
     plan = FinetunePlan(cfg.finetune, groups, cfg.optim.lr)

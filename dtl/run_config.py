@@ -85,6 +85,14 @@ class ModelConfig(_Strict):
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth (timm models that have it)")
     head: HeadConfig = Field(default_factory=HeadConfig, description="the new head (MLP, binary)")
+    head_module: Optional[str] = Field(None, description="for backbone=module:function (your own code): the module "
+                                                         "the new head replaces, e.g. classifier")
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of module:function")
+    weights_map: Union[None, Literal["positional"], list[tuple[str, str]]] = Field(
+        None, description="rename the weight file's keys onto the model's: [[regex, replacement], ...] or "
+                          "positional; prints what loaded and what did not (also output_dir/weights_report.json)")
+    aux_logits_weight: float = Field(0.0, ge=0, description="torchvision inception_v3/googlenet: train the "
+                                                            "auxiliary classifier too, its loss weighted by this (0.4 is usual)")
     channels_last: bool = Field(True, description="channels-last memory format for the model and its image batches "
                                                   "(timm's --channels-last: faster convolutions on CPU and GPU)")
 

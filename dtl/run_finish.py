@@ -51,10 +51,21 @@ def model_head(cfg) -> Optional[dict]:
     return head_spec(h.hidden, h.activation, h.dropout, h.binary)
 
 
+def model_build(cfg) -> dict:
+    """What `create_classifier` needs beyond name, classes and weights; exports record it."""
+    m = cfg.model
+    out: dict = {"head": model_head(cfg)}
+    if ":" in m.backbone:
+        out["factory"] = {"head_module": m.head_module, "kwargs": m.factory_kwargs}
+    if m.aux_logits_weight:
+        out["aux_logits"] = True
+    return out
+
+
 def export_meta(run) -> dict:
     return {"backbone": run.cfg.model.backbone, "classes": run.classes, "preprocessing": run.pre,
             "epoch": run.state.epoch, "step": run.state.step, "format": "dtl-classifier/1",
-            **({"head": head} if (head := model_head(run.cfg)) else {})}
+            **{k: v for k, v in model_build(run.cfg).items() if v}}
 
 
 def export(run, name: str, source: str = "model") -> None:

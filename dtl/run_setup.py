@@ -5,6 +5,7 @@ checkpoint to resume from (if any) is known to belong to this model, classes and
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -34,7 +35,7 @@ from dtl.parallel_strategy import ParallelStrategy, create_accelerator
 from dtl.preemption import PreemptionHandler
 from dtl.feature_cache import FrozenFeatureCache, build_cache
 from dtl.run_config import Config, ConfigError, config_changes, dump_config
-from dtl.run_finish import model_head
+from dtl.run_finish import model_build
 from dtl.run_events import Events, Observer
 from dtl.run_observers import Console, MetricsFile, TensorBoardFigures, TrackerRows, WandbTracker, wandb_settings
 from dtl.run_report import RunReport
@@ -228,7 +229,15 @@ def _build_model(accelerator: Accelerator, cfg: Config) -> tuple[nn.Module, list
         prepare_shards(cfg.data, cfg.seed)
     classes = run_classes(cfg.data)
     model = create_classifier(cfg.model.backbone, len(classes), cfg.model.pretrained,
-                              cfg.model.drop_rate, cfg.model.drop_path_rate, head=model_head(cfg))
+                              cfg.model.drop_rate, cfg.model.drop_path_rate, weights_map=cfg.model.weights_map, **model_build(cfg))
+    report = getattr(model, "dtl_weights_report", None)
+    if report is not None:
+        accelerator.print(f"weights: {report['loaded']} tensors loaded from {report['source']}; not loaded: the new "
+                          f"head ({len(report['not_loaded_head'])} tensors), {len(report['unused_in_file'])} file "
+                          f"tensors nothing maps to {report['unused_in_file'][:6]}")
+        if accelerator.is_main_process:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / "weights_report.json").write_text(json.dumps(report, indent=1) + "\n")
     pre = preprocessing(model, cfg.data.img_size, cfg.data.crop_pct)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -68,7 +68,11 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
         target = y if run.mixup is None else mix(run, x, y)
         with acc.accumulate(model):
             logits = forward(x)
-            loss = criterion(logits.float(), target)
+            if isinstance(logits, tuple):  # torchvision Inception in training: (logits, aux_logits)
+                logits, aux = logits
+                loss = criterion(logits.float(), target) + cfg.model.aux_logits_weight * criterion(aux.float(), target)
+            else:
+                loss = criterion(logits.float(), target)
             acc.backward(loss)
             if cached and acc.sync_gradients:
                 average_head_grads(run)
