@@ -206,7 +206,8 @@ def _init_head(head: nn.Module) -> None:
 def create_classifier(backbone: str, num_classes: int, pretrained: Union[bool, str] = False,
                       drop_rate: float = 0.0, drop_path_rate: float = 0.0, head: Optional[dict] = None,
                       factory: Optional[dict] = None, weights_map: Union[None, str, list] = None,
-                      aux_logits: bool = False) -> nn.Module:
+                      aux_logits: bool = False, head_module: Optional[str] = None,
+                      global_pool: Optional[str] = None) -> nn.Module:
     """A backbone with a fresh `num_classes` head, weights as `pretrained` says.
 
     `head` (see `classifier_heads.head_spec`) makes it an MLP and/or a single-logit binary head.
@@ -214,7 +215,9 @@ def create_classifier(backbone: str, num_classes: int, pretrained: Union[bool, s
     (the module the new head replaces) and `kwargs`. `weights_map` renames the weight file's keys
     (a list of [regex, replacement], or "positional") and makes the load a reported one:
     `model.dtl_weights_report` says what loaded and what did not. `aux_logits` keeps
-    torchvision Inception's auxiliary classifier (a new one for `num_classes`)."""
+    torchvision Inception's auxiliary classifier (a new one for `num_classes`). `head_module` names
+    the module a timm/torchvision model's new head replaces (default: its classifier / last
+    Linear); `global_pool` pools a torchvision model's fixed-size `avgpool` to 1x1 instead."""
     if num_classes < 2:
         raise BackboneError(f"num_classes must be at least 2, got {num_classes}")
     hub = pretrained is True
@@ -230,11 +233,26 @@ def create_classifier(backbone: str, num_classes: int, pretrained: Union[bool, s
         model = _create_torchvision(backbone[len(TORCHVISION_PREFIX):], hub, num_classes, drop_rate, aux_logits)
     else:
         model = _create_timm(backbone, hub, num_classes, drop_rate, drop_path_rate)
+    if global_pool:
+        if not isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d):
+            raise BackboneError(f"model.global_pool is for torchvision models with an adaptive avgpool (VGG, "
+                                f"AlexNet); {backbone} has none")
+        model.avgpool = nn.AdaptiveAvgPool2d(1) if global_pool == "avg" else nn.AdaptiveMaxPool2d(1)
+    if head_module or global_pool:
+        name = head_module or head_name(model)
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise BackboneError(f"model.head_module={name!r}: {backbone} has no such module "
+                                f"(its children: {[n for n, _ in model.named_children()]})") from None
+        model.dtl_head = name
+        head = head or {"hidden": [], "activation": "relu", "dropout": 0.0, "binary": False}
     if head:
         from dtl.classifier_heads import build_head, head_in_features
 
         name = head_name(model)
-        width = head_in_features(model.get_submodule(name))
+        width = _head_input_width(model, name) if (head_module or global_pool) else \
+            head_in_features(model.get_submodule(name))
         _replace_module(model, name, build_head(width, num_classes, **head))
         model.dtl_head = name
     _init_head(model.get_submodule(head_name(model)))
@@ -245,6 +263,25 @@ def create_classifier(backbone: str, num_classes: int, pretrained: Union[bool, s
     elif isinstance(pretrained, str):
         load_backbone_weights(model, read_state_dict(pretrained), pretrained)
     return model
+
+
+def _head_input_width(model: nn.Module, name: str) -> int:
+    """Features reaching module `name`, found by one forward of a blank 224 px image."""
+    shapes: list = []
+    hook = model.get_submodule(name).register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 224, 224))
+    except RuntimeError:
+        pass  # the old head may not fit what now reaches it; its input is all we need
+    finally:
+        hook.remove()
+        model.train(was)
+    if not shapes:
+        raise BackboneError(f"model.head_module={name!r} is not called in the model's forward")
+    return int(torch.tensor(shapes[0][1:]).prod())
 
 
 def _create_imported(spec: str, num_classes: int, factory: dict) -> nn.Module:

@@ -203,7 +203,8 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
 
     meta = read_export_meta(path)
     model = create_classifier(meta["backbone"], len(meta["classes"]), pretrained=False, head=meta.get("head"),
-                              factory=meta.get("factory"), aux_logits=bool(meta.get("aux_logits")))
+                              factory=meta.get("factory"), aux_logits=bool(meta.get("aux_logits")),
+                              head_module=meta.get("head_module"), global_pool=meta.get("global_pool"))
     sd = load_file(str(path))
     try:
         result = model.load_state_dict(sd, strict=False)

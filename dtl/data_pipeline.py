@@ -57,9 +57,17 @@ def build_transform(pre: dict, train: bool, aug: AugmentConfig) -> Callable:
                   crop_mode=pre.get("crop_mode"))
     if not train:
         return create_transform(is_training=False, **kwargs)
-    return create_transform(is_training=True, hflip=aug.hflip, vflip=aug.vflip, scale=tuple(aug.crop_scale),
-                            ratio=tuple(aug.crop_ratio), color_jitter=aug.color_jitter,
-                            auto_augment=aug.auto_augment, re_prob=aug.random_erasing, re_mode="pixel", **kwargs)
+    tf = create_transform(is_training=True, hflip=aug.hflip, vflip=aug.vflip, scale=tuple(aug.crop_scale),
+                          ratio=tuple(aug.crop_ratio), color_jitter=aug.color_jitter,
+                          auto_augment=aug.auto_augment, re_prob=aug.random_erasing, re_mode="pixel", **kwargs)
+    if aug.rotate or aug.translate or aug.shear or aug.zoom:  # Keras' ImageDataGenerator geometry, first
+        from torchvision import transforms
+
+        affine = transforms.RandomAffine(degrees=aug.rotate, translate=(aug.translate,) * 2 if aug.translate else None,
+                                         scale=(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else None,
+                                         shear=aug.shear or None, interpolation=transforms.InterpolationMode.BILINEAR)
+        tf.transforms.insert(0, affine)
+    return tf
 
 
 @dataclass

@@ -34,6 +34,11 @@ class AugmentConfig(_Strict):
     color_jitter: Optional[float] = Field(None, description="colour jitter strength (timm), off when unset")
     auto_augment: Optional[str] = Field(None, description="timm auto-augment policy, e.g. 'rand-m9-mstd0.5'")
     random_erasing: float = Field(0.0, ge=0, le=1, description="probability of timm's random erasing (per-pixel noise)")
+    rotate: float = Field(0.0, ge=0, le=180, description="random rotation up to +-degrees (Keras rotation_range)")
+    translate: float = Field(0.0, ge=0, lt=1, description="random shift up to this fraction of width/height "
+                                                          "(Keras width/height_shift_range)")
+    shear: float = Field(0.0, ge=0, lt=90, description="random shear up to +-degrees (Keras shear_range, in degrees)")
+    zoom: float = Field(0.0, ge=0, lt=1, description="random zoom in [1-zoom, 1+zoom] (Keras zoom_range)")
     mixup: float = Field(0.0, ge=0, description="mixup alpha (timm's Mixup; 0: off)")
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha (timm's Mixup; 0: off); with mixup, one of the two per batch")
     mix_prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed at all")
@@ -85,14 +90,18 @@ class ModelConfig(_Strict):
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth (timm models that have it)")
     head: HeadConfig = Field(default_factory=HeadConfig, description="the new head (MLP, binary)")
-    head_module: Optional[str] = Field(None, description="for backbone=module:function (your own code): the module "
-                                                         "the new head replaces, e.g. classifier")
+    head_module: Optional[str] = Field(None, description="the module the new head replaces, e.g. classifier (needed for "
+                                                         "backbone=module:function; default for timm/torchvision: "
+                                                         "their classifier / last Linear)")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of module:function")
     weights_map: Union[None, Literal["positional"], list[tuple[str, str]]] = Field(
         None, description="rename the weight file's keys onto the model's: [[regex, replacement], ...] or "
                           "positional; prints what loaded and what did not (also output_dir/weights_report.json)")
     aux_logits_weight: float = Field(0.0, ge=0, description="torchvision inception_v3/googlenet: train the "
                                                             "auxiliary classifier too, its loss weighted by this (0.4 is usual)")
+    global_pool: Optional[Literal["avg", "max"]] = Field(
+        None, description="torchvision models with a fixed-size pool (VGG, AlexNet): pool to 1x1 instead, so the head "
+                          "takes the channel count (e.g. 512 for VGG16)")
     channels_last: bool = Field(True, description="channels-last memory format for the model and its image batches "
                                                   "(timm's --channels-last: faster convolutions on CPU and GPU)")
 

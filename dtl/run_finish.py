@@ -57,6 +57,10 @@ def model_build(cfg) -> dict:
     out: dict = {"head": model_head(cfg)}
     if ":" in m.backbone:
         out["factory"] = {"head_module": m.head_module, "kwargs": m.factory_kwargs}
+    elif m.head_module:
+        out["head_module"] = m.head_module
+    if m.global_pool:
+        out["global_pool"] = m.global_pool
     if m.aux_logits_weight:
         out["aux_logits"] = True
     return out
