@@ -195,6 +195,8 @@ def run_probe(run) -> ProbeResult:
     x, y, vx, vy = extract(run)
     t1 = time.time()
     head, epochs, best_epoch, val = train_head(run, x, y, vx, vy)
+    net = run.accelerator.unwrap_model(run.model)
+    fresh = copy.deepcopy(net.get_submodule(head_name(net))) if not run.cfg.finetune.probe.install else None
     install_head(run, head)
     t2 = time.time()
     run.state.probe_done = True
@@ -202,6 +204,8 @@ def run_probe(run) -> ProbeResult:
     if checked is not None:
         val = checked.metrics
         select_best(run, -1, {"model": val})
+    if fresh is not None:  # the probe stays a best-model candidate; fine-tuning starts from the fresh head
+        install_head(run, fresh)
     result = ProbeResult(epochs, best_epoch, val, len(y), t1 - t0, t2 - t1)
     run.events.probe_end(run, {**{f"val/{k}": v for k, v in val.items()}, "probe/epochs": epochs,
                                "probe/best_epoch": best_epoch, "probe/train_rows": len(y),

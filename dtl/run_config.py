@@ -134,6 +134,8 @@ class ProbeConfig(_Strict):
     batch_size: int = Field(256, ge=1, description="probe batch size over cached features")
     augmented_views: int = Field(0, ge=0, description="augmented views per training sample cached next to the "
                                                       "clean one (view v: the augmentation of epoch v)")
+    install: bool = Field(True, description="start fine-tuning from the probe's head (LP-FT); false: the probe is "
+                                            "only a best-model candidate and fine-tuning starts from the fresh head")
 
 
 class FinetuneConfig(_Strict):

@@ -156,3 +156,16 @@ def test_mixing_needs_an_even_batch_and_no_class_weights(tmp_path, shard_dir):
         load_config(path, ["data.augment.mixup=0.2", "data.batch_size=7"])
     with pytest.raises(ConfigError, match="class_weights does not combine"):
         load_config(path, ["data.augment.cutmix=1.0", "data.class_weights=true"])
+
+
+def test_probe_without_install_is_a_candidate_only(tmp_path, shard_dir):
+    """probe.install=false: best.safetensors holds the probe's head, fine-tuning starts from the fresh one."""
+    cfg = _probe_config(tmp_path, shard_dir, epochs=0, **{"finetune.probe": {
+        "enabled": True, "epochs": 60, "patience": 20, "lr": 0.05, "install": False}})
+    result = train(cfg)
+    assert result.summary["best_epoch"] == 0
+    best = load_file(str(tmp_path / "run" / "best.safetensors"))
+    final = load_file(str(tmp_path / "run" / "model.safetensors"))
+    w = "classifier.weight"
+    assert not torch.equal(best[w], final[w])
+    assert final[w].abs().max() < 0.05 < best[w].abs().max()   # the fresh head starts near zero (std 0.01)
