@@ -12,6 +12,7 @@ import torch
 
 from dtl.dataset_index import DataError, has_split, read_index, resolve_classes, split_source
 from dtl.run_config import AugmentConfig, Config, DataConfig
+from dtl.shard_fetch import RetryPolicy
 from dtl.shard_stream import ShardStream, StreamOptions, batches_per_epoch, make_loader
 
 DROP_WARN_FRACTION = 0.05
@@ -94,8 +95,9 @@ def run_classes(d: DataConfig) -> list[str]:
 
 
 def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size: int,
-               error_log: Optional[str]) -> Data:
+               error_log: Optional[str], retry_log: Optional[str] = None) -> Data:
     d = cfg.data
+    retry = RetryPolicy(d.retries, d.retry_max_s, d.read_timeout_s, log=retry_log)
     index = read_index(d.root)
     size = pre["input_size"][-1]
 
@@ -107,7 +109,7 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
         source = split_source(d.root, split, index, d.shards, d.samples)
         opts = StreamOptions(classes=classes, label_field=d.label_field, train=train, seed=cfg.seed,
                              shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, max_errors=d.max_errors,
-                             draft_size=size, error_log=error_log)
+                             draft_size=size, error_log=error_log, retry=retry)
         return ShardStream(source, build_transform(pre, train, d.augment), opts, rank, world_size, d.num_workers)
 
     data = Data(classes, stream(d.train_split, True), stream(d.val_split, False), stream(d.test_split, False),

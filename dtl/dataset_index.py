@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Optional
 
 import braceexpand
-import webdataset as wds
 
 from dtl.user_errors import DtlError
 
@@ -81,11 +80,18 @@ def read_index(root: str) -> Optional[dict]:
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: not a readable dataset index ({e})") from None
     else:
+        from dtl.shard_fetch import read_bytes
+
         try:
-            with wds.gopen(path) as f:
-                index = json.load(f)
+            data = read_bytes(path)
+        except DataError:
+            raise
         except Exception:
             return None
+        try:
+            index = json.loads(data)
+        except ValueError as e:
+            raise DataError(f"{path}: not a readable dataset index ({e})") from None
     validate_index(index, path)
     return index
 

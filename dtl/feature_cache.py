@@ -169,7 +169,7 @@ class FrozenFeatureCache:
 
         try:
             for url in stream.source.urls:
-                for sample in iter_tar_samples(url):
+                for sample in iter_tar_samples(url, stream.opt.retry):
                     if sample.get("__key__") in keys:
                         item = stream._decode(sample)
                         if item is not None:

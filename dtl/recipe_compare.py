@@ -23,7 +23,7 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 ARMS = {
-    "linear probe": ["epochs=0", "finetune.probe.enabled=true"],
+    "linear probe": ["epochs=0", "finetune.probe.enabled=true", "finetune.probe.install=true"],
     "full, one lr": ["finetune.stages=[{epoch: 0, train: all}]", "finetune.decay=1.0",
                      "finetune.probe.enabled=false"],
     "your plan": [],

@@ -70,6 +70,11 @@ class DataConfig(_Strict):
     shuffle_buffer: int = Field(1000, ge=0, description="samples mixed in each worker's shuffle buffer")
     on_error: Literal["error", "skip"] = Field("error", description="bad sample or shard: stop naming it, or skip and log it")
     max_errors: int = Field(10, ge=0, description="with on_error=skip, stop after this many bad samples")
+    retries: int = Field(5, ge=0, description="remote shards (http(s), pipe:): retries of a transient failure, "
+                                              "resuming the shard after the samples already delivered")
+    retry_max_s: float = Field(300.0, gt=0, description="remote shards: give up retrying one shard after this long")
+    read_timeout_s: float = Field(60.0, gt=0, description="http(s) shards: seconds a connect or read may take "
+                                                          "before it counts as a failure (a stalled server)")
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
     class_weight_power: float = Field(1.0, ge=0, le=1, description="weights = inverse frequency ** power; "
                                       "0.5 (square root) is the softer choice for strong imbalance")

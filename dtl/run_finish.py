@@ -114,6 +114,9 @@ def epoch_record(run, stats, val: Optional[EvalResult], val_ema: Optional[EvalRe
               "trainable_params": run.strategy.count_trainable(run.model, run.plan, run.stage),
               "epoch_time_s": stats.seconds, "train/img_per_s": stats.images / max(1e-9, stats.seconds),
               **stats.lrs}
+    retries = sum(len(p.read_text().splitlines()) for p in run.out.glob("shard_retries.rank*.jsonl"))
+    if retries:
+        record["data/shard_retries"] = retries   # remote shards retried so far in this run (all ranks)
     if val is not None:
         record.update({f"val/{k}": v for k, v in val.metrics.items()})
     if val_ema is not None:
@@ -125,8 +128,9 @@ def _test_best(run, final: Optional[EvalResult]) -> Optional[EvalResult]:
     """Test the selected weights (best.safetensors), when they are not the final ones."""
     state = run.state
     last = run.state.epoch - 1
+    probe_only = state.best_epoch == -1 and not run.cfg.finetune.probe.install  # the model lacks the probe head
     if final is None or state.best_epoch is None or run.strategy.sharded or \
-            (state.best_epoch == last and state.best_source == "model"):
+            (state.best_epoch == last and state.best_source == "model" and not probe_only):
         return final  # FSDP: the sharded model cannot take a full state dict here; final weights reported
     net = run.accelerator.unwrap_model(run.model)
     net.load_state_dict(ckpt.load_file(str(run.out / "best.safetensors")))

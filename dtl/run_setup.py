@@ -124,7 +124,8 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     _write_config(accelerator, cfg, out, resume_from)
 
     data = build_data(cfg, pre, classes, accelerator.process_index, accelerator.num_processes,
-                      error_log=str(out / f"bad_samples.rank{accelerator.process_index}.jsonl"))
+                      error_log=str(out / f"bad_samples.rank{accelerator.process_index}.jsonl"),
+                      retry_log=str(out / f"shard_retries.rank{accelerator.process_index}.jsonl"))
     steps_per_epoch = _steps_per_epoch(cfg, data)
     strategy = ParallelStrategy(accelerator, cfg.finetune.ddp_rewrap)
     state.stage = plan.stage_at(state.epoch).index

@@ -33,12 +33,12 @@ from itertools import islice
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from dtl.dataset_index import (IMAGE_EXTENSIONS, DataError, SplitSource, expand_shards,  # noqa: F401 (re-exported)
                                read_index, split_source)
+from dtl.shard_fetch import RetryPolicy, read_with_retries
 from dtl.tar_members import tar_members
 
 IMAGE_FIELDS = IMAGE_EXTENSIONS
@@ -68,13 +68,11 @@ def group_members(members: Iterator[tuple[str, bytes]], url: str) -> Iterator[di
         yield current
 
 
-def iter_tar_samples(url: str) -> Iterator[dict]:
-    """Samples of one shard; webdataset's gopen opens the URL (local, pipe:, http, fsspec)."""
-    stream = wds.gopen(url, "rb")
-    try:
-        yield from group_members(tar_members(stream), url)
-    finally:
-        stream.close()
+def iter_tar_samples(url: str, retry: Optional[RetryPolicy] = None) -> Iterator[dict]:
+    """Samples of one shard. Local files and fsspec URLs open with webdataset's gopen; http(s)
+    and `pipe:` shards are retried on transient failures without losing or repeating a sample
+    (`shard_fetch`)."""
+    return read_with_retries(url, lambda stream, u: group_members(tar_members(stream), u), retry)
 
 
 def read_label(sample: dict, label_field: str, num_classes: int, classes: Optional[list[str]] = None) -> int:
@@ -145,6 +143,7 @@ class StreamOptions:
     seeded: bool = False   # seed augmentation by (seed, epoch, key) outside training too (probe views)
     aug_epoch: Optional[int] = None   # seed augmentation as this epoch's (cached feature views)
     keys_only: bool = False   # labels and keys, no image decoded (the order of a cached epoch)
+    retry: Optional[RetryPolicy] = None   # remote shards: retries, backoff, read timeout
 
 
 class ShardStream(IterableDataset):
@@ -201,7 +200,7 @@ class ShardStream(IterableDataset):
         n, key = 0, None
         stop = expected if stop is None else stop
         try:
-            for sample in iter_tar_samples(url):
+            for sample in iter_tar_samples(url, self.opt.retry):
                 key = sample.get("__key__")
                 if n >= start:
                     yield sample
