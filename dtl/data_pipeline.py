@@ -12,7 +12,7 @@ import torch
 
 from dtl.dataset_index import DataError, has_split, read_index, resolve_classes, split_source
 from dtl.run_config import AugmentConfig, Config, DataConfig
-from dtl.shard_fetch import RetryPolicy
+from dtl.shard_fetch import RetryPolicy, ShardCache
 from dtl.shard_stream import ShardStream, StreamOptions, batches_per_epoch, make_loader
 
 DROP_WARN_FRACTION = 0.05
@@ -97,7 +97,8 @@ def run_classes(d: DataConfig) -> list[str]:
 def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size: int,
                error_log: Optional[str], retry_log: Optional[str] = None) -> Data:
     d = cfg.data
-    retry = RetryPolicy(d.retries, d.retry_max_s, d.read_timeout_s, log=retry_log)
+    cache = ShardCache(d.cache_dir, int(d.cache_max_gb * 2**30)) if d.cache_dir else None
+    retry = RetryPolicy(d.retries, d.retry_max_s, d.read_timeout_s, log=retry_log, cache=cache)
     index = read_index(d.root)
     size = pre["input_size"][-1]
 

@@ -73,6 +73,9 @@ class DataConfig(_Strict):
     retries: int = Field(5, ge=0, description="remote shards (http(s), pipe:): retries of a transient failure, "
                                               "resuming the shard after the samples already delivered")
     retry_max_s: float = Field(300.0, gt=0, description="remote shards: give up retrying one shard after this long")
+    cache_dir: Optional[str] = Field(None, description="keep local copies of remote shards here (per node, shared by "
+                                                       "its ranks): later epochs and resumed runs read them")
+    cache_max_gb: float = Field(50.0, gt=0, description="size cap of data.cache_dir; least recently used shards go first")
     read_timeout_s: float = Field(60.0, gt=0, description="http(s) shards: seconds a connect or read may take "
                                                           "before it counts as a failure (a stalled server)")
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")

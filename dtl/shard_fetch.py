@@ -16,20 +16,93 @@ the run sums into `data/shard_retries` in metrics.jsonl.
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
+import os
 import random
 import socket
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional
 
 from dtl.dataset_index import DataError
 from dtl.tar_members import TarError
 
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
+
+
+class ShardCache:
+    """Local copies of remote shards under `root`, at most `max_bytes`, least recently used evicted.
+
+    A shard is written while it streams in (the first epoch pays the network once) to a partial
+    file private to the process and renamed into place only when the whole shard has arrived, so
+    a partial file is never read; ranks of one node may share the folder (the rename is atomic,
+    and two ranks that fetch the same shard write the same bytes). A read refreshes the file's
+    modification time, which eviction orders by. A slot that stops before a shard's end (its range
+    ends inside the shard) does not cache it; the slot that reads it to the end does."""
+
+    def __init__(self, root: str, max_bytes: int):
+        self.root, self.max_bytes = Path(root), max_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, url: str) -> Path:
+        digest = hashlib.sha1(url.encode()).hexdigest()[:16]
+        return self.root / f"{digest}-{Path(url.split('?')[0]).name or 'shard'}"
+
+    def get(self, url: str) -> Optional[Path]:
+        p = self.path(url)
+        try:
+            os.utime(p)
+            return p
+        except FileNotFoundError:
+            return None
+
+    def partial(self, url: str) -> Path:
+        return self.path(url).with_name(f".{self.path(url).name}.{os.getpid()}.partial")
+
+    def commit(self, tmp: Path, url: str) -> None:
+        os.replace(tmp, self.path(url))
+        self.evict(keep=self.path(url))
+
+    def evict(self, keep: Optional[Path] = None) -> None:
+        files = []
+        for p in self.root.iterdir():
+            if not p.name.startswith(".") and p.is_file():
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                files.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files, key=lambda f: f[0]):
+            if total <= self.max_bytes:
+                break
+            if p != keep:
+                p.unlink(missing_ok=True)
+                total -= size
+
+
+class _Tee:
+    """A stream that copies what is read into a file; `drain` reads the rest (tar padding)."""
+
+    def __init__(self, stream: BinaryIO, out: BinaryIO):
+        self.stream, self.out = stream, out
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.out.write(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 @dataclass
@@ -39,6 +112,7 @@ class RetryPolicy:
     read_timeout: float = 60.0     # http(s): seconds any single connect or read may take
     base_delay: float = 0.5        # first backoff; doubles per attempt (x0.5..1.5 jitter), at most 30 s
     log: Optional[str] = None      # JSON lines, one per retry
+    cache: Optional[ShardCache] = None   # local copies of remote shards (data.cache_dir)
 
 
 class ShardFetchError(DataError):
@@ -74,9 +148,15 @@ def read_with_retries(url: str, parse: Callable[[BinaryIO, str], Iterator[dict]]
     policy = policy or RetryPolicy()
     delivered, attempt, started = 0, 0, time.monotonic()
     jitter = random.Random()  # private: the global generators drive seeded augmentation
+    cache = policy.cache if is_remote(url) else None
     while True:
+        local = cache.get(url) if cache else None
+        tmp = cache.partial(url) if cache and local is None else None
         try:
-            stream = open_url(url, policy.read_timeout)
+            stream = open_url(str(local) if local else url, policy.read_timeout)
+            if tmp is not None:
+                stream = _Tee(stream, open(tmp, "wb"))  # type: ignore[assignment]
+            complete = False
             try:
                 seen = 0
                 for sample in parse(stream, url):
@@ -85,15 +165,26 @@ def read_with_retries(url: str, parse: Callable[[BinaryIO, str], Iterator[dict]]
                         continue  # delivered before the failure: skipped, not decoded
                     delivered += 1
                     yield sample
+                if tmp is not None:
+                    stream.drain()
+                    complete = True
             finally:
                 try:
                     stream.close()
                 except Exception:  # a pipe that failed reports it on close; the read already said so
                     pass
+                if tmp is not None:
+                    stream.out.close()
+                    if complete:
+                        cache.commit(tmp, url)
+                    else:
+                        tmp.unlink(missing_ok=True)
             return
         except Exception as e:
             if not is_remote(url) or not transient(e):
                 raise
+            if local is not None:  # a damaged local copy: drop it, fetch the shard again
+                local.unlink(missing_ok=True)
             attempt += 1
             spent = time.monotonic() - started
             if attempt > policy.retries or spent > policy.max_seconds:

@@ -200,12 +200,16 @@ class ShardStream(IterableDataset):
         n, key = 0, None
         stop = expected if stop is None else stop
         try:
-            for sample in iter_tar_samples(url, self.opt.retry):
+            samples = iter_tar_samples(url, self.opt.retry)
+            for sample in samples:
                 key = sample.get("__key__")
                 if n >= start:
                     yield sample
                 n += 1
                 if stop is not None and n >= stop:
+                    if stop == expected and self.opt.retry is not None and self.opt.retry.cache is not None:
+                        for _ in samples:  # read to the archive's end, so the shard cache keeps the copy
+                            pass
                     return
         except Exception as e:  # tar or transport error: name the shard and where it broke
             lost = max(1, (stop or 0) - max(n, start))

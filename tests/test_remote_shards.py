@@ -91,3 +91,22 @@ def test_spent_retries_are_one_line_naming_the_shard(server, shard_dir):
     with pytest.raises(Exception, match="404"):   # not transient: no retry
         list(read_with_retries(f"{url}/missing.tar", lambda s, u: group_members(tar_members(s), u),
                                RetryPolicy(retries=5, base_delay=0.01)))
+
+
+def test_shard_cache_reads_the_network_once_and_keeps_to_its_cap(tmp_path, shard_dir, server):
+    handler, url = server
+    cache = tmp_path / "cache"
+    cfg = tiny_config(tmp_path / "a", shard_dir, epochs=2, report=False,
+                      **{"data.root": url, "data.cache_dir": str(cache)})
+    train(Config.model_validate(cfg))
+    tars = {k: v for k, v in handler.seen.items() if k.endswith(".tar")}
+    assert tars and set(tars.values()) == {1}            # epoch 2, validation and test read the local copies
+    assert len(list(cache.glob("*.tar"))) == len(tars) and not list(cache.glob(".*partial"))
+    # a cap of about three shards: the least recently used go, the cache stays within it
+    size = max(p.stat().st_size for p in shard_dir.glob("*.tar"))
+    small = tmp_path / "small"
+    cfg = tiny_config(tmp_path / "b", shard_dir, epochs=1, report=False,
+                      **{"data.root": url, "data.cache_dir": str(small), "data.cache_max_gb": 3.5 * size / 2**30})
+    train(Config.model_validate(cfg))
+    kept = list(small.glob("*.tar"))
+    assert 1 <= len(kept) < len(tars) and sum(p.stat().st_size for p in kept) <= 3.5 * size
