@@ -29,7 +29,8 @@ import random
 import warnings
 import zlib
 from dataclasses import dataclass
-from itertools import islice
+from bisect import bisect_right
+from itertools import accumulate, islice
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -220,18 +221,19 @@ class ShardStream(IterableDataset):
                       stop - max(n, start), max(n, start))
 
     def _range(self, order: list[int], start: int, stop: int) -> Iterator[dict]:
-        """Samples numbered [start, stop) in the epoch's shard order; numbers past N wrap around."""
+        """Samples numbered [start, stop) in the epoch's shard order; numbers past N wrap around.
+        The first shard is found by bisection over cumulative counts: planning stays cheap at 100k shards."""
         counts, total = self.source.counts, self.source.total
-        a = (start // total) * total
-        while a < stop:
-            for idx in order:
-                b = a + counts[idx]
-                lo, hi = max(a, start), min(b, stop)
-                if lo < hi:
-                    yield from self._read_shard(self.source.urls[idx], counts[idx], lo - a, hi - a)
-                a = b
-                if a >= stop:
-                    return
+        ends = list(accumulate(counts[i] for i in order))   # where each position of the order ends
+        pos = start
+        while pos < stop:
+            lap, off = divmod(pos, total)
+            j = bisect_right(ends, off)
+            a = lap * total + (ends[j - 1] if j else 0)
+            hi = min(lap * total + ends[j], stop)
+            idx = order[j]
+            yield from self._read_shard(self.source.urls[idx], counts[idx], pos - a, hi - a)
+            pos = hi
 
     def _uncounted(self, order: list[int], slot: int) -> Iterator[dict]:
         urls = [self.source.urls[i] for i in order]
