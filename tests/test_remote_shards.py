@@ -110,3 +110,32 @@ def test_shard_cache_reads_the_network_once_and_keeps_to_its_cap(tmp_path, shard
     train(Config.model_validate(cfg))
     kept = list(small.glob("*.tar"))
     assert 1 <= len(kept) < len(tars) and sum(p.stat().st_size for p in kept) <= 3.5 * size
+
+
+@pytest.mark.timeout(400)
+def test_two_gloo_ranks_over_a_flaky_server_end_as_from_disk(tmp_path, shard_dir, server):
+    """The same under DDP: 2 torchrun processes (gloo), one worker each, against the flaky server."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_config
+
+    handler, url = server
+    shards = sorted(p.name for p in shard_dir.glob("train-*.tar"))
+    handler.faults.update({shards[0]: ["drop"], shards[2]: ["503", "drop"], shards[-1]: ["stall"]})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    outs = {}
+    for i, (name, extra) in enumerate((("remote", {"data.root": url, "data.read_timeout_s": 1.0}), ("local", {}))):
+        cfg = tiny_config(tmp_path / name, shard_dir, epochs=2, report=False,
+                          **{"data.num_workers": 1, "data.batch_size": 4, **extra})
+        path = write_config(tmp_path / f"{name}.yaml", cfg)
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", str(29700 + os.getpid() % 500 + i), "-m", "dtl.train", "--config",
+                            str(path)], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[name] = load_file(str(tmp_path / name / "run" / "model.safetensors"))
+    assert all(torch.equal(outs["remote"][k], outs["local"][k]) for k in outs["local"])
+    logged = [line for p in (tmp_path / "remote" / "run").glob("shard_retries.rank*.jsonl")
+              for line in p.read_text().splitlines()]
+    assert len(logged) >= 4
