@@ -171,35 +171,50 @@ def write_elpv(out_dir: str | Path, val_fraction: float = 0.1, test_fraction: fl
     return write_dataset(splits, ELPV_CLASSES, out_dir, maxcount, source="elpv-dataset")
 
 
+def _count_shard(url: str, classes: list[str], label_field: str) -> tuple[int, list[int]]:
+    """Samples and per-class counts of one shard, read to its end-of-archive marker."""
+    from dtl.shard_stream import iter_tar_samples, read_label
+
+    n, key, counts = 0, None, [0] * len(classes)
+    try:
+        for sample in iter_tar_samples(url):
+            key = sample["__key__"]
+            try:
+                counts[read_label(sample, label_field, len(classes), classes)] += 1
+            except ValueError as e:
+                raise DataError(f"shard {url}, sample {key}: {e}") from None
+            n += 1
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"shard {url}: unreadable after {n} samples (last {key}): {type(e).__name__}: {e}") from None
+    return n, counts
+
+
 def index_shards(out_dir: str | Path, split_patterns: dict[str, str], classes: list[str],
-                 label_field: str = "cls") -> dict:
+                 label_field: str = "cls", threads: int = 16) -> dict:
     """Count the samples of shards written by another tool and write `dataset.json` for them.
 
     Every shard is read to its end-of-archive marker: one cut short, even exactly at a member
-    boundary, is an error naming the shard, never a smaller count.
+    boundary, is an error naming the shard, never a smaller count. Shards are read by `threads`
+    threads at once (reading is I/O: local disks, HTTP, `pipe:` commands), with a progress bar.
     """
-    from dtl.shard_stream import expand_shards, iter_tar_samples, read_label
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from dtl.shard_stream import expand_shards
 
     out = Path(out_dir)
     index = new_index(classes, "indexed")
     for split, pattern in split_patterns.items():
-        shards, counts = [], [0] * len(classes)
-        for url in expand_shards(pattern, base=str(out)):
-            n, key = 0, None
-            try:
-                for sample in iter_tar_samples(url):
-                    key = sample["__key__"]
-                    try:
-                        counts[read_label(sample, label_field, len(classes), classes)] += 1
-                    except ValueError as e:
-                        raise DataError(f"shard {url}, sample {key}: {e}") from None
-                    n += 1
-            except DataError:
-                raise
-            except Exception as e:
-                raise DataError(f"shard {url}: unreadable after {n} samples (last {key}): "
-                                f"{type(e).__name__}: {e}") from None
-            shards.append({"name": os.path.relpath(url, out) if "://" not in url else url, "count": n})
+        urls = expand_shards(pattern, base=str(out))
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            results = list(tqdm(pool.map(lambda u: _count_shard(u, classes, label_field), urls), total=len(urls),
+                                desc=f"indexing {split}", unit="shard", disable=len(urls) < 20))
+        shards = [{"name": os.path.relpath(url, out) if "://" not in url else url, "count": n}
+                  for url, (n, _) in zip(urls, results)]
+        counts = [sum(c[i] for _, c in results) for i in range(len(classes))]
         add_split(index, split, shards, counts)
     write_index(out, index)
     return index
