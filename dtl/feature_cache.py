@@ -124,64 +124,54 @@ class FrozenFeatureCache:
         net = self.run.accelerator.unwrap_model(self.run.model)
         return net.get_submodule(head_name(net))
 
-    def val_batches(self) -> list[dict]:
-        """This rank's validation batches with features as "image" (the eval transform is
-        deterministic, so one pass serves every head-only epoch; kept in memory)."""
-        if self.val is None:
-            run, acc = self.run, self.run.accelerator
-            net = acc.unwrap_model(run.model)
-            captured: list[torch.Tensor] = []
-            hook = self.head().register_forward_pre_hook(lambda m, args: captured.append(args[0].detach().float()))
-            modes = [(m, m.training) for m in net.modules()]
-            net.eval()
-            self.val = []
-            try:
-                for batch in run.data.loader(run.data.val):
-                    with torch.no_grad(), acc.autocast():
-                        net(as_input(batch["image"], acc.device, run.cfg.model.channels_last))
-                    self.val.append({"image": captured.pop().flatten(1), "label": batch["label"], "key": batch["key"]})
-            finally:
-                hook.remove()
-                for m, mode in modes:
-                    m.training = mode
-        return self.val
-
-    def _compute(self, keys: set[str], v: int, vc: ViewCache) -> None:
-        """Features of `keys` as view `v`: decoded and augmented exactly as the training stream does
-        (seeded by (seed, v, key)), through the frozen backbone in eval mode, in batches."""
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """The head's input for a batch of images: the frozen backbone in eval mode (no dropout,
+        no drop-path, BatchNorm on running statistics), the model's modes restored after."""
         run, acc = self.run, self.run.accelerator
-        stream = self._stream(v, False, v)
-        stream._errors = 0
         net = acc.unwrap_model(run.model)
-        head = net.get_submodule(head_name(net))
         captured: list[torch.Tensor] = []
-        hook = head.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach().float()))
+        hook = self.head().register_forward_pre_hook(lambda m, args: captured.append(args[0].detach().float()))
         modes = [(m, m.training) for m in net.modules()]
-        net.eval()  # frozen: no dropout, no drop-path, BatchNorm on running statistics
-        pending: list[tuple[torch.Tensor, str]] = []
-
-        def flush() -> None:
-            with torch.no_grad(), acc.autocast():
-                net(as_input(torch.stack([x for x, _ in pending]), acc.device, run.cfg.model.channels_last))
-            for (_, k), row in zip(pending, captured.pop().flatten(1).cpu()):
-                vc.rows[k] = row
-            pending.clear()
-
+        net.eval()
         try:
-            for url in stream.source.urls:
-                for sample in iter_tar_samples(url, stream.opt.retry):
-                    if sample.get("__key__") in keys:
-                        item = stream._decode(sample)
-                        if item is not None:
-                            pending.append((item[0], item[2]))
-                        if len(pending) == run.data.eval_batch_size:
-                            flush()
-            if pending:
-                flush()
+            with torch.no_grad(), acc.autocast():
+                net(as_input(images, acc.device, run.cfg.model.channels_last))
         finally:
             hook.remove()
             for m, mode in modes:  # back to the stage's modes (frozen BatchNorm stays in eval)
                 m.training = mode
+        return captured.pop().flatten(1)
+
+    def val_batches(self) -> list[dict]:
+        """This rank's validation batches with features as "image" (the eval transform is
+        deterministic, so one pass serves every head-only epoch; kept in memory)."""
+        if self.val is None:
+            self.val = [{"image": self._features(b["image"]), "label": b["label"], "key": b["key"]}
+                        for b in self.run.data.loader(self.run.data.val)]
+        return self.val
+
+    def _compute(self, keys: set[str], v: int, vc: ViewCache) -> None:
+        """Features of `keys` as view `v`: decoded and augmented exactly as the training stream does
+        (seeded by (seed, v, key)), through the frozen backbone, in batches."""
+        stream = self._stream(v, False, v)
+        stream._errors = 0
+        pending: list[tuple[torch.Tensor, str]] = []
+
+        def flush() -> None:
+            feats = self._features(torch.stack([x for x, _ in pending])).cpu()
+            vc.rows.update({k: row for (_, k), row in zip(pending, feats)})
+            pending.clear()
+
+        for url in stream.source.urls:
+            for sample in iter_tar_samples(url, stream.opt.retry):
+                if sample.get("__key__") in keys:
+                    item = stream._decode(sample)
+                    if item is not None:
+                        pending.append((item[0], item[2]))
+                    if len(pending) == self.run.data.eval_batch_size:
+                        flush()
+        if pending:
+            flush()
         vc.dirty = True
         self.save()
 
