@@ -42,6 +42,11 @@ def fsdp_plugin(cfg: Config) -> Optional[FullyShardedDataParallelPlugin]:
         "param_dtype": low, "reduce_dtype": torch.float32, "output_dtype": low})
 
 
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether the run is FSDP (parameters flattened and sharded)."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
 def create_accelerator(cfg: Config, project_dir: str, log_with: Optional[list] = None) -> Accelerator:
     """Accelerate as launched (single process, torchrun/accelerate launch DDP, FSDP).
 
@@ -64,7 +69,7 @@ class ParallelStrategy:
 
     def __init__(self, accelerator: Accelerator, rewrap: bool = True):
         self.accelerator = accelerator
-        self.sharded = accelerator.distributed_type == DistributedType.FSDP
+        self.sharded = is_sharded(accelerator)
         self.rewrap = rewrap  # false only to reproduce the naive DDP bug in a test
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, groups: list[LayerGroup],

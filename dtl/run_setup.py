@@ -31,7 +31,7 @@ from dtl.dataset_index import DataError
 from dtl.finetune_plan import FinetunePlan, Stage
 from dtl.layer_groups import layer_groups
 from dtl.optimization import build_optimizer, build_scheduler
-from dtl.parallel_strategy import ParallelStrategy, create_accelerator
+from dtl.parallel_strategy import ParallelStrategy, create_accelerator, is_sharded
 from dtl.preemption import PreemptionHandler
 from dtl.feature_cache import FrozenFeatureCache, build_cache
 from dtl.run_config import Config, ConfigError, config_changes, dump_config
@@ -240,8 +240,8 @@ def _build_model(accelerator: Accelerator, cfg: Config) -> tuple[nn.Module, list
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.output_dir) / "weights_report.json").write_text(json.dumps(report, indent=1) + "\n")
     pre = preprocessing(model, cfg.data.img_size, cfg.data.crop_pct)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    if cfg.model.channels_last and not is_sharded(accelerator):
+        model = model.to(memory_format=torch.channels_last)  # FSDP flattens parameters: left as they are
     groups = layer_groups(model, cfg.finetune.groups, cfg.finetune.group_regex)
     return model, classes, FinetunePlan(cfg.finetune, groups, cfg.optim.lr), pre
 
