@@ -96,8 +96,9 @@ class FrozenFeatureCache:
             vc.dirty = False
 
     # -- the epoch's batches -----------------------------------------------------------------
-    def _stream(self, epoch: int, keys_only: bool, view: int) -> ShardStream:
-        """This rank's training stream for `epoch` (order, slice, resume skip), augmented as `view`."""
+    def _stream(self, keys_only: bool, view: int) -> ShardStream:
+        """A copy of this rank's training stream (order, slice, resume skip come with `set_epoch`),
+        augmented as `view`, or reading keys and labels only."""
         base = self.run.data.train
         s = copy.copy(base)
         s.opt = copy.copy(base.opt)
@@ -109,7 +110,7 @@ class FrozenFeatureCache:
         run = self.run
         v = epoch % self.k
         vc = self._view(v)
-        keyed = self._stream(epoch, True, v)
+        keyed = self._stream(True, v)
         keyed.set_epoch(epoch, skip_batches=skip_batches, batch_size=run.data.batch_size)
         plan = [(b["key"], b["label"]) for b in make_loader(keyed, run.data.batch_size, run.data.num_workers)]
         missing = {k for keys, _ in plan for k in keys if k not in vc.rows}
@@ -153,7 +154,7 @@ class FrozenFeatureCache:
     def _compute(self, keys: set[str], v: int, vc: ViewCache) -> None:
         """Features of `keys` as view `v`: decoded and augmented exactly as the training stream does
         (seeded by (seed, v, key)), through the frozen backbone, in batches."""
-        stream = self._stream(v, False, v)
+        stream = self._stream(False, v)
         stream._errors = 0
         pending: list[tuple[torch.Tensor, str]] = []
 
