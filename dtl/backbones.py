@@ -203,6 +203,9 @@ def _init_head(head: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+PLAIN_HEAD = {"hidden": [], "activation": "relu", "dropout": 0.0, "binary": False}  # one Linear, replacing a module
+
+
 def create_classifier(backbone: str, num_classes: int, pretrained: Union[bool, str] = False,
                       drop_rate: float = 0.0, drop_path_rate: float = 0.0, head: Optional[dict] = None,
                       factory: Optional[dict] = None, weights_map: Union[None, str, list] = None,
@@ -226,7 +229,7 @@ def create_classifier(backbone: str, num_classes: int, pretrained: Union[bool, s
             raise BackboneError(f"model.pretrained={pretrained} is for timm/torchvision models; give {backbone} "
                                 f"a weights file (model.pretrained=PATH)")
         model = _create_imported(backbone, num_classes, factory or {})
-        head = head or {"hidden": [], "activation": "relu", "dropout": 0.0, "binary": False}
+        head = head or PLAIN_HEAD
     elif backbone.startswith(TORCHVISION_PREFIX):
         if pretrained == "offline":
             raise BackboneError("pretrained=offline is available for timm's tf_efficientnet_lite0/1/2 only")
@@ -246,7 +249,7 @@ def create_classifier(backbone: str, num_classes: int, pretrained: Union[bool, s
             raise BackboneError(f"model.head_module={name!r}: {backbone} has no such module "
                                 f"(its children: {[n for n, _ in model.named_children()]})") from None
         model.dtl_head = name
-        head = head or {"hidden": [], "activation": "relu", "dropout": 0.0, "binary": False}
+        head = head or PLAIN_HEAD
     if head:
         from dtl.classifier_heads import build_head, head_in_features
 

@@ -125,29 +125,11 @@ class FrozenFeatureCache:
         net = self.run.accelerator.unwrap_model(self.run.model)
         return net.get_submodule(head_name(net))
 
-    def _features(self, images: torch.Tensor) -> torch.Tensor:
-        """The head's input for a batch of images: the frozen backbone in eval mode (no dropout,
-        no drop-path, BatchNorm on running statistics), the model's modes restored after."""
-        run, acc = self.run, self.run.accelerator
-        net = acc.unwrap_model(run.model)
-        captured: list[torch.Tensor] = []
-        hook = self.head().register_forward_pre_hook(lambda m, args: captured.append(args[0].detach().float()))
-        modes = [(m, m.training) for m in net.modules()]
-        net.eval()
-        try:
-            with torch.no_grad(), acc.autocast():
-                net(as_input(images, acc.device, run.cfg.model.channels_last))
-        finally:
-            hook.remove()
-            for m, mode in modes:  # back to the stage's modes (frozen BatchNorm stays in eval)
-                m.training = mode
-        return captured.pop().flatten(1)
-
     def val_batches(self) -> list[dict]:
         """This rank's validation batches with features as "image" (the eval transform is
         deterministic, so one pass serves every head-only epoch; kept in memory)."""
         if self.val is None:
-            self.val = [{"image": self._features(b["image"]), "label": b["label"], "key": b["key"]}
+            self.val = [{"image": head_inputs(self.run, b["image"]), "label": b["label"], "key": b["key"]}
                         for b in self.run.data.loader(self.run.data.val)]
         return self.val
 
@@ -159,7 +141,7 @@ class FrozenFeatureCache:
         pending: list[tuple[torch.Tensor, str]] = []
 
         def flush() -> None:
-            feats = self._features(torch.stack([x for x, _ in pending])).cpu()
+            feats = head_inputs(self.run, torch.stack([x for x, _ in pending])).cpu()
             vc.rows.update({k: row for (_, k), row in zip(pending, feats)})
             pending.clear()
 
@@ -175,6 +157,26 @@ class FrozenFeatureCache:
             flush()
         vc.dirty = True
         self.save()
+
+
+def head_inputs(run, images: torch.Tensor) -> torch.Tensor:
+    """The head's input (pooled pre-logit features) for a batch of images: the frozen backbone in
+    eval mode (no dropout, no drop-path, BatchNorm on running statistics), the modes restored after."""
+    acc = run.accelerator
+    net = acc.unwrap_model(run.model)
+    captured: list[torch.Tensor] = []
+    hook = net.get_submodule(head_name(net)).register_forward_pre_hook(
+        lambda m, args: captured.append(args[0].detach().float()))
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        with torch.no_grad(), acc.autocast():
+            net(as_input(images, acc.device, run.cfg.model.channels_last))
+    finally:
+        hook.remove()
+        for m, mode in modes:  # back to the stage's modes (frozen BatchNorm stays in eval)
+            m.training = mode
+    return captured.pop().flatten(1)
 
 
 def head_forward(run) -> nn.Module:

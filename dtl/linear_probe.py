@@ -31,7 +31,7 @@ from torch import nn
 from dtl.backbones import head_name
 from dtl.classification_metrics import confusion_update, summarize
 from dtl.data_pipeline import build_transform
-from dtl.evaluation import as_input
+from dtl.feature_cache import head_inputs
 from dtl.shard_stream import ShardStream, StreamOptions, make_loader
 from dtl.user_errors import DtlError
 
@@ -48,26 +48,12 @@ class ProbeResult:
 
 def _features(run, stream: ShardStream, epoch: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled pre-logit features (the head's input) of this rank's share of `stream`."""
-    acc = run.accelerator
-    net = acc.unwrap_model(run.model)
-    head = net.get_submodule(head_name(net))
-    captured: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach().float().cpu()))
-    feats, labels = [], []
-    was_training = net.training
-    net.eval()
     if epoch is not None:
         stream.set_epoch(epoch)
-    try:
-        with torch.no_grad():
-            for batch in make_loader(stream, run.data.eval_batch_size, run.data.num_workers):
-                with acc.autocast():
-                    net(as_input(batch["image"], acc.device, run.cfg.model.channels_last))
-                feats.append(captured.pop().flatten(1))
-                labels.append(batch["label"])
-    finally:
-        hook.remove()
-        net.train(was_training)
+    feats, labels = [], []
+    for batch in make_loader(stream, run.data.eval_batch_size, run.data.num_workers):
+        feats.append(head_inputs(run, batch["image"]).cpu())
+        labels.append(batch["label"])
     if not feats:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)

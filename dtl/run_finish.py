@@ -45,16 +45,11 @@ def evaluate_split(run, split: str) -> Optional[EvalResult]:
     return result
 
 
-def model_head(cfg) -> Optional[dict]:
-    """The head spec an export records (None for the plain Linear head)."""
-    h = cfg.model.head
-    return head_spec(h.hidden, h.activation, h.dropout, h.binary)
-
-
 def model_build(cfg) -> dict:
     """What `create_classifier` needs beyond name, classes and weights; exports record it."""
     m = cfg.model
-    out: dict = {"head": model_head(cfg)}
+    h = m.head
+    out: dict = {"head": head_spec(h.hidden, h.activation, h.dropout, h.binary)}  # None: the plain Linear head
     if ":" in m.backbone:
         out["factory"] = {"head_module": m.head_module, "kwargs": m.factory_kwargs}
     elif m.head_module:
