@@ -80,10 +80,12 @@ class Data:
     batch_size: int
     eval_batch_size: int
     num_workers: int
+    worker_start: str = "forkserver"
 
-    def loader(self, stream: ShardStream) -> torch.utils.data.DataLoader:
-        bs = self.batch_size if stream.opt.train else self.eval_batch_size
-        return make_loader(stream, bs, self.num_workers)
+    def loader(self, stream: ShardStream, batch_size: Optional[int] = None) -> torch.utils.data.DataLoader:
+        """Every DataLoader of a run: this run's workers and their start method."""
+        bs = batch_size or (self.batch_size if stream.opt.train else self.eval_batch_size)
+        return make_loader(stream, bs, self.num_workers, self.worker_start)
 
     def train_batches(self) -> int:
         return batches_per_epoch(self.train, self.batch_size)
@@ -114,7 +116,7 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
         return ShardStream(source, build_transform(pre, train, d.augment), opts, rank, world_size, d.num_workers)
 
     data = Data(classes, stream(d.train_split, True), stream(d.val_split, False), stream(d.test_split, False),
-                d.batch_size, d.eval_batch_size or d.batch_size, d.num_workers)
+                d.batch_size, d.eval_batch_size or d.batch_size, d.num_workers, d.worker_start)
     if rank == 0:
         warn_dropped_samples(data.train, d.batch_size, world_size)
     return data

@@ -35,7 +35,7 @@ from torch import nn
 
 from dtl.backbones import head_name
 from dtl.evaluation import as_input
-from dtl.shard_stream import ShardStream, iter_tar_samples, make_loader
+from dtl.shard_stream import ShardStream, iter_tar_samples
 
 
 @dataclass
@@ -112,7 +112,7 @@ class FrozenFeatureCache:
         vc = self._view(v)
         keyed = self._stream(True, v)
         keyed.set_epoch(epoch, skip_batches=skip_batches, batch_size=run.data.batch_size)
-        plan = [(b["key"], b["label"]) for b in make_loader(keyed, run.data.batch_size, run.data.num_workers)]
+        plan = [(b["key"], b["label"]) for b in run.data.loader(keyed)]
         missing = {k for keys, _ in plan for k in keys if k not in vc.rows}
         if missing:
             self._compute(missing, v, vc)

@@ -32,7 +32,7 @@ from dtl.backbones import head_name
 from dtl.classification_metrics import confusion_update, summarize
 from dtl.data_pipeline import build_transform
 from dtl.feature_cache import head_inputs
-from dtl.shard_stream import ShardStream, StreamOptions, make_loader
+from dtl.shard_stream import ShardStream, StreamOptions
 from dtl.user_errors import DtlError
 
 
@@ -51,7 +51,7 @@ def _features(run, stream: ShardStream, epoch: Optional[int]) -> tuple[torch.Ten
     if epoch is not None:
         stream.set_epoch(epoch)
     feats, labels = [], []
-    for batch in make_loader(stream, run.data.eval_batch_size, run.data.num_workers):
+    for batch in run.data.loader(stream, run.data.eval_batch_size):
         feats.append(head_inputs(run, batch["image"]).cpu())
         labels.append(batch["label"])
     if not feats:

@@ -67,6 +67,9 @@ class DataConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="per process")
     eval_batch_size: Optional[int] = Field(None, ge=1, description="per process; default: batch_size")
     num_workers: int = Field(2, ge=0, description="DataLoader workers per process (0: read in the training process)")
+    worker_start: Literal["forkserver", "fork", "spawn"] = Field(
+        "forkserver", description="how DataLoader workers start: forkserver (safe with the threads W&B and "
+                                  "loaders leave in the trainer), fork (plain fork: faster start, can hang), spawn")
     shuffle_buffer: int = Field(1000, ge=0, description="samples mixed in each worker's shuffle buffer")
     on_error: Literal["error", "skip"] = Field("error", description="bad sample or shard: stop naming it, or skip and log it")
     max_errors: int = Field(10, ge=0, description="with on_error=skip, stop after this many bad samples")

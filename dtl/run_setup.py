@@ -32,6 +32,7 @@ from dtl.finetune_plan import FinetunePlan, Stage
 from dtl.layer_groups import layer_groups
 from dtl.optimization import build_optimizer, build_scheduler
 from dtl.parallel_strategy import ParallelStrategy, create_accelerator, is_sharded
+from dtl.shard_stream import start_worker_server
 from dtl.preemption import PreemptionHandler
 from dtl.feature_cache import FrozenFeatureCache, build_cache
 from dtl.run_config import Config, ConfigError, config_changes, dump_config
@@ -113,6 +114,7 @@ class Run:
 def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     """Everything `train()` needs, resumed from the latest checkpoint when there is one."""
     threads = configure_cpu_threads(cfg.data.num_workers)
+    start_worker_server(cfg.data.worker_start, cfg.data.num_workers)
     out = Path(cfg.output_dir)
     accelerator = create_accelerator(cfg, str(out), log_with=_trackers(cfg, out))
     if threads:

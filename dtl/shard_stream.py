@@ -25,6 +25,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
+import multiprocessing.context
 import random
 import warnings
 import zlib
@@ -338,11 +340,38 @@ def _collate(batch: list[tuple[torch.Tensor, int, str]]) -> dict:
     return {"image": images, "label": labels, "key": keys}
 
 
-def make_loader(stream: ShardStream, batch_size: int, num_workers: int) -> DataLoader:
+WORKER_START_METHODS = ("forkserver", "fork", "spawn")
+
+
+def _worker_context(method: str) -> Optional[multiprocessing.context.BaseContext]:
+    """How DataLoader workers start. 'forkserver' (the default, as in Python 3.14) forks each
+    worker from a small single-threaded server: a plain fork of the training process, which has
+    threads (W&B, tqdm, a previous loader's queue feeders), can deadlock the child in CPython's
+    after-fork cleanup; seen here as a hung 2-rank run. The server imports torch and dtl once."""
+    if method not in multiprocessing.get_all_start_methods():
+        return None                                   # e.g. forkserver on Windows: the platform's default
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["torch", "PIL.Image", "dtl.shard_stream", "dtl.train"])  # no effect once running
+    return ctx
+
+
+def start_worker_server(method: str, num_workers: int) -> None:
+    """Start the forkserver now, so it imports torch and dtl while the model is being built
+    instead of when the first loader starts (3-4 s on a small CPU)."""
+    ctx = _worker_context(method) if num_workers else None
+    if ctx is not None and method == "forkserver":
+        from multiprocessing import forkserver
+        forkserver.ensure_running()
+
+
+def make_loader(stream: ShardStream, batch_size: int, num_workers: int,
+                start_method: str = "forkserver") -> DataLoader:
     """A DataLoader over the stream; training drops each worker's last partial batch."""
     return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                       drop_last=stream.opt.train, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+                      persistent_workers=False,
+                      multiprocessing_context=_worker_context(start_method) if num_workers else None)
 
 
 def batches_per_epoch(stream: ShardStream, batch_size: int) -> int:

@@ -19,6 +19,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 CLASSES = ["circle", "square", "stripes"]
 
 
+def blank_image(img: Image.Image):
+    """A transform for stream tests that check ids, not pixels (top level: forkserver workers unpickle it)."""
+    import torch
+    return torch.zeros(1)
+
+
+def image_size(img: Image.Image):
+    import torch
+    return torch.tensor(img.size)
+
+
 def make_image(label: int, seed: int, size: int = 40, mode: str = "RGB") -> Image.Image:
     """A learnable synthetic image: the class decides the shape drawn on noise."""
     rng = np.random.default_rng(seed)

@@ -15,10 +15,8 @@ from dtl.run_config import Config
 from dtl.run_events import Observer
 from dtl.train import train
 
-cfg = Config.model_validate(yaml.safe_load(Path(sys.argv[1]).read_text()))
-result_dir = Path(sys.argv[2])
-pretrained = read_state_dict(cfg.model.pretrained)
 report = []
+pretrained: dict = {}
 
 
 def _gather(flat: torch.Tensor) -> list[torch.Tensor]:
@@ -53,6 +51,14 @@ class Check(Observer):
         check(run.accelerator, run.model, run.state)
 
 
-summary = train(cfg, observers=[Check()]).summary
-(result_dir / f"rank{os.environ.get('RANK', '0')}.json").write_text(
-    json.dumps({"report": report, "summary": {k: v for k, v in summary.items() if k != "test/confusion"}}))
+def main() -> None:
+    cfg = Config.model_validate(yaml.safe_load(Path(sys.argv[1]).read_text()))
+    result_dir = Path(sys.argv[2])
+    pretrained.update(read_state_dict(cfg.model.pretrained))
+    summary = train(cfg, observers=[Check()]).summary
+    (result_dir / f"rank{os.environ.get('RANK', '0')}.json").write_text(
+        json.dumps({"report": report, "summary": {k: v for k, v in summary.items() if k != "test/confusion"}}))
+
+
+if __name__ == "__main__":  # DataLoader workers start from a forkserver and import this file
+    main()

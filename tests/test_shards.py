@@ -7,10 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 import webdataset as wds
 
-from conftest import CLASSES, encode, make_image
+from conftest import CLASSES, encode, image_size, make_image
 from dtl.shard_stream import (DataError, ShardStream, StreamOptions, batches_per_epoch, make_loader,
                               read_index, split_source)
 from dtl.shard_writer import write_imagefolder
@@ -25,7 +24,7 @@ def _stream(root, split="train", train=False, rank=0, world=1, workers=0, **kw) 
     index = read_index(str(root))
     source = split_source(str(root), split, index, kw.pop("shards", {}), kw.pop("samples", {}))
     opts = StreamOptions(classes=kw.pop("classes", CLASSES), train=train, shuffle_buffer=8, **kw)
-    return ShardStream(source, lambda img: torch.tensor(img.size), opts, rank, world, workers)
+    return ShardStream(source, image_size, opts, rank, world, workers)
 
 
 def test_imagefolder_roundtrip_is_stratified_and_exact(shard_dir, image_folder):

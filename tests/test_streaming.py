@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from conftest import CLASSES, encode, make_image, tiny_config
+from conftest import CLASSES, blank_image, encode, make_image, tiny_config
 from dtl.shard_writer import index_shards
 
 HERE = Path(__file__).parent
@@ -54,7 +54,6 @@ def test_two_ranks_two_workers_equal_steps_exactly_once(uneven_shards, tmp_path)
 
 
 def test_fewer_shards_than_slots_without_counts_warns_and_stays_exact(uneven_shards):
-    import torch
 
     from dtl.shard_stream import ShardStream, SplitSource, StreamOptions, make_loader
 
@@ -62,10 +61,26 @@ def test_fewer_shards_than_slots_without_counts_warns_and_stays_exact(uneven_sha
     seen = Counter()
     for rank in range(2):
         with pytest.warns(UserWarning, match="3 shards for 4 rank x worker slots"):
-            s = ShardStream(SplitSource("train", urls, None, sum(SIZES[:3])), lambda img: torch.zeros(1),
+            s = ShardStream(SplitSource("train", urls, None, sum(SIZES[:3])), blank_image,
                             StreamOptions(classes=CLASSES, train=True), rank, 2, num_workers=2)
         seen.update(k for b in make_loader(s, 1, 2) for k in b["key"])
     assert max(seen.values()) == 1 and sum(seen.values()) == 4 * (sum(SIZES[:3]) // 4)
+
+
+
+def test_workers_start_from_a_forkserver_and_deliver_what_fork_delivers(uneven_shards):
+    """forkserver is the default (a plain fork of a trainer with threads can hang in the child);
+    the start method changes nothing about which samples arrive in which order."""
+    from dtl.shard_stream import ShardStream, SplitSource, StreamOptions, make_loader
+
+    urls = [str(uneven_shards / f"train-{i}.tar") for i in range(7)]
+    s = ShardStream(SplitSource("train", urls, SIZES, sum(SIZES)), blank_image,
+                    StreamOptions(classes=CLASSES, train=True), 0, 1, num_workers=2)
+    s.set_epoch(1)
+    default = make_loader(s, 3, 2)
+    assert default.multiprocessing_context.get_start_method() == "forkserver"
+    ids = {m: [k for b in make_loader(s, 3, 2, m) for k in b["key"]] for m in ("forkserver", "fork")}
+    assert ids["forkserver"] == ids["fork"] and len(ids["fork"]) == 2 * (sum(SIZES) // 2 // 3 * 3)
 
 
 @contextlib.contextmanager

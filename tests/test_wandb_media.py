@@ -11,8 +11,14 @@ from dtl.wandb_media import sample_keys
 
 
 def _run_dir(out: Path) -> Path:
+    """The latest process's run directory: the one whose history reaches the highest W&B step.
+
+    Not the name: it holds the start second, which two quick processes can share or reorder.
+    """
     run_id = (out / "wandb_run_id").read_text()
-    return sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))[-1]  # the latest process's
+    dirs = (out / "wandb").glob(f"offline-run-*-{run_id}")
+    return max(dirs, key=lambda d: max(h.get("_step", -1) for h in
+                                       wandb_records.history(next(d.glob("run-*.wandb")))))
 
 
 def _table(run_dir: Path, key: str) -> dict:
