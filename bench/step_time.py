@@ -55,7 +55,7 @@ def main() -> None:
     model.to(args.device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     y = torch.randint(0, 4, (args.batch,), device=args.device)
-    ks = [1, 2, 3, len(groups) // 2, "all"]
+    ks = [1, 2, 3, len(groups) // 2, len(groups) - 2, len(groups) - 1, "all"]
     full = step_time(model, groups, "all", x, y, args.steps)
     print(f"{args.model} @{args.size}px, batch {args.batch}, {len(groups)} groups, on {args.device}"
           f" ({torch.get_num_threads()} threads)")

@@ -239,8 +239,10 @@ class CheckpointConfig(_Strict):
 
 class EvalConfig(_Strict):
     tta: Literal["none", "hflip", "flips"] = Field(
-        "none", description="test-time augmentation in validation and test: average the softmax over the image "
+        "none", description="test-time augmentation of the test evaluation: average the softmax over the image "
                             "and its horizontal flip (hflip), or also its vertical flips (flips)")
+    tta_val: bool = Field(False, description="also in every validation, so best.safetensors is picked by TTA "
+                                             "metrics (costs 2x (hflip) or 4x (flips) validation time)")
 
 
 class Config(_Strict):

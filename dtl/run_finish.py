@@ -29,17 +29,23 @@ class RunResult:
         return self.status == "stopped"
 
 
+def split_tta(cfg, split: str) -> str:
+    """Test-time augmentation of a split: the test always gets `eval.tta`, validation only with
+    `eval.tta_val` (it runs every epoch, so 4x flips cost 4x there)."""
+    return cfg.eval.tta if split != "val" or cfg.eval.tta_val else "none"
+
+
 def evaluate_split(run, split: str) -> Optional[EvalResult]:
     """Evaluate the `val` or `test` split (None when the dataset has none) and announce the result."""
     stream = {"val": run.data.val, "test": run.data.test, "test_final": run.data.test}[split]
     if stream is None:
         return None
     cached = None
-    if split == "val" and run.features is not None and run.cfg.eval.tta == "none" \
-            and run.features.applies(run.state.epoch):
+    tta = split_tta(run.cfg, split)
+    if split == "val" and run.features is not None and tta == "none" and run.features.applies(run.state.epoch):
         cached = run.features.val_batches(), run.features.head()
     result = evaluate(run.accelerator, run.strategy, run.model, run.data, stream, len(run.classes), split,
-                      run.pre["input_size"], tta=run.cfg.eval.tta, cached=cached,
+                      run.pre["input_size"], tta=tta, cached=cached,
                       channels_last=run.cfg.model.channels_last)
     run.events.eval_end(run, split, result)
     return result
@@ -81,7 +87,7 @@ def evaluate_ema(run) -> Optional[EvalResult]:
         return None
     run.strategy.sync_batchnorm(run.ema.module)
     return evaluate(run.accelerator, run.strategy, run.ema.module, run.data, run.data.val, len(run.classes),
-                    "val_ema", run.pre["input_size"], tta=run.cfg.eval.tta)
+                    "val_ema", run.pre["input_size"], tta=split_tta(run.cfg, "val"))
 
 
 def select_best(run, epoch: int, candidates: dict[str, Optional[EvalResult | dict]]) -> None:

@@ -61,9 +61,24 @@ def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path, shard_dir):
     assert train(cfg).status == "complete"  # an early-stopped run is finished
 
 
-def test_tta_flips_in_evaluation(tmp_path, shard_dir):
-    s = train(Config.model_validate(tiny_config(tmp_path, shard_dir, epochs=1, **{"eval.tta": "flips"}))).summary
-    assert s["test/samples"] == 15 and 0 <= s["test/acc"] <= 1
+def test_tta_flips_on_the_test_and_validation_only_when_asked(tmp_path, shard_dir):
+    import json
+    import subprocess
+    import sys
+
+    plain = train(Config.model_validate(tiny_config(tmp_path / "a", shard_dir, epochs=2))).summary
+    s = train(Config.model_validate(tiny_config(tmp_path / "b", shard_dir, epochs=2, **{"eval.tta": "flips"}))).summary
+    assert s["val/best_acc"] == plain["val/best_acc"] and s["best_epoch"] == plain["best_epoch"]  # val: no TTA
+    r = subprocess.run([sys.executable, "-m", "dtl.cli", "eval", str(tmp_path / "b" / "run" / "best.safetensors"),
+                        "--data", str(shard_dir), "--tta", "flips", "--out", str(tmp_path / "ev")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert ev["acc"] == s["test/acc"] and ev["samples"] == 15  # the run's test is the TTA test
+    v = train(Config.model_validate(tiny_config(tmp_path / "c", shard_dir, epochs=2,
+                                                **{"eval.tta": "flips", "eval.tta_val": True}))).summary
+    lines = [json.loads(x) for x in (tmp_path / "c" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/acc" in x for x in lines) and v["test/samples"] == 15
 
 
 def test_probe_features_are_cached_and_reused(tmp_path, shard_dir):

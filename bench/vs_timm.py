@@ -1,0 +1,259 @@
+"""dtl against timm's train.py, side by side on one machine: wall time, img/s, test accuracy per
+epoch and time to reach timm's final test accuracy.
+
+    python bench/vs_timm.py --epochs 10 --repeats 1 --json bench/results/vs_timm_elpv_cpu.json
+
+Both tools get the quickstart split (dtl's shards; exported once as an ImageFolder tree for timm),
+the same backbone and the same offline ImageNet tensors (timm through `--pretrained-path`, its head
+reset to 4 classes), the same resolution, batch size, epoch budget, optimizer (AdamW 1e-3, weight
+decay 0.01, cosine, label smoothing 0.1), flips and crop scale, `channels_last` and 2 data workers.
+dtl runs its quickstart config as a user would (its plan, probe candidate, discriminative rates);
+timm runs a plain fine-tune of every layer, its usual recipe. The tools alternate (dtl, timm, dtl,
+timm, ...) so that a slow spell of the shared machine hits both.
+
+Test accuracy per epoch: every epoch's weights (dtl keeps every checkpoint, timm every epoch's via
+`--checkpoint-hist`) are evaluated afterwards, outside the timed runs, by one function with one eval
+transform for both, so the numbers differ only by what the tools trained. The wall clock of each
+epoch end comes from dtl's metrics.jsonl and from the time timm's log line of the epoch's
+checkpoint arrives.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TIMM_TRAIN = REPO / "bench" / "third_party" / "timm_train.py"
+sys.path.insert(0, str(REPO))
+
+
+def export_imagefolder(root: Path, out: Path) -> dict:
+    """Every sample of the shards as out/SPLIT/INDEX_CLASS/KEY.EXT (the image bytes unchanged)."""
+    from dtl.shard_stream import iter_tar_samples, read_index
+
+    index = read_index(str(root))
+    classes = index["classes"]
+    done = out / ".complete"
+    counts: dict = {}
+    if done.exists():
+        return json.loads(done.read_text())
+    for split, info in index["splits"].items():
+        n = 0
+        for shard in info["shards"]:
+            for s in iter_tar_samples(str(root / shard["name"])):
+                ext = next(k for k in s if k in ("png", "jpg", "jpeg", "webp"))
+                label = int(s["cls"])  # folder "0_name": ImageFolder's sorted order is dtl's class order
+                dst = out / split / f"{label}_{classes[label]}" / f"{s['__key__']}.{ext}"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(s[ext])
+                n += 1
+        counts[split] = n
+    done.write_text(json.dumps(counts))
+    return counts
+
+
+def timm_weights(backbone: str, out: Path) -> Path:
+    """The offline ImageNet tensors dtl loads, saved under timm's key names (no head)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from dtl.backbones import offline_state_dict
+
+    model = timm.create_model(backbone, pretrained=False)
+    sd = {k: v.contiguous() for k, v in offline_state_dict(backbone, model).items()}
+    path = out / f"{backbone}_imagenet.safetensors"
+    save_file(sd, str(path))
+    return path
+
+
+class ProcessWatch:
+    """Runs a command, timestamps every output line, samples the RSS of its process tree."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict):
+        self.lines: list[tuple[float, str]] = []
+        self.peak_rss = 0
+        self.start = time.time()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env, cwd=REPO)
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        with open(log, "w") as f:
+            for line in self.proc.stdout:
+                self.lines.append((time.time() - self.start, line.rstrip()))
+                f.write(line)
+        self.rc = self.proc.wait()
+        self.wall = time.time() - self.start
+
+    def _sample(self) -> None:
+        p = psutil.Process(self.proc.pid)
+        while self.proc.poll() is None:
+            try:
+                rss = sum(c.memory_info().rss for c in [p, *p.children(recursive=True)])
+                self.peak_rss = max(self.peak_rss, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.5)
+
+
+def run_dtl(args, out: Path, env: dict) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "dtl/train.py", "--config", args.config, f"output_dir={out}", f"epochs={args.epochs}",
+           f"data.root={args.data}", f"checkpoint.keep={args.epochs + 1}", "wandb.enabled=false", "report=false",
+           f"seed={args.seed}", *args.dtl_set]
+    w = ProcessWatch(cmd, out.parent / f"{out.name}.log", env)
+    if w.rc:
+        raise SystemExit(f"dtl failed ({w.rc}): {out.parent / (out.name + '.log')}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "train/acc" in r]
+    t0 = w.start
+    ckpts = sorted((out / "checkpoints").glob("ckpt-*"))
+    per_epoch = []
+    for r, ck in zip(epochs, ckpts[-len(epochs):]):
+        per_epoch.append({"epoch": r["epoch"] + 1, "t_s": r["time"] - t0, "weights": str(ck / "model.safetensors"),
+                          "img_per_s": r.get("train/img_per_s"), "val_acc": r.get("val/acc")})
+    summary = json.loads((out / "summary.json").read_text())
+    return {"tool": "dtl", "command": " ".join(cmd), "wall_s": w.wall, "peak_rss_gb": w.peak_rss / 2**30,
+            "epochs": per_epoch, "best_weights": str(out / "best.safetensors"),
+            "final_weights": str(out / "model.safetensors"), "summary_test_acc": summary.get("test/acc")}
+
+
+def run_timm(args, out: Path, folder: Path, weights: Path, env: dict) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cmd = [sys.executable, str(TIMM_TRAIN), "--data-dir", str(folder), "--train-split", "train", "--val-split", "val",
+           "--model", args.backbone, "--pretrained", "--pretrained-path", str(weights), "--num-classes", "4",
+           "--img-size", str(args.img_size), "--crop-pct", "1.0", "--mean", "0.5", "0.5", "0.5",
+           "--std", "0.5", "0.5", "0.5", "--interpolation", "bicubic", "--batch-size", "32",
+           "--validation-batch-size", "32", "--epochs", str(args.epochs), "--opt", "adamw", "--lr", "1e-3",
+           "--weight-decay", "0.01", "--sched", "cosine", "--sched-on-updates", "--warmup-epochs", "1",
+           "--warmup-lr", "1e-5", "--min-lr", "0", "--smoothing", "0.1", "--hflip", "0.5", "--vflip", "0.5",
+           "--scale", "0.7", "1.0", "--color-jitter", "0", "--workers", "2", "--channels-last",
+           "--checkpoint-hist", str(args.epochs + 1), "--log-interval", "10", "--seed", str(args.seed),
+           "--output", str(out), "--experiment", "run", "--device", "cuda" if torch.cuda.is_available() else "cpu"]
+    w = ProcessWatch(cmd, out.parent / f"{out.name}.log", env)
+    if w.rc:
+        raise SystemExit(f"timm train.py failed ({w.rc}): {out.parent / (out.name + '.log')}")
+    run = out / "run"
+    # the epoch's checkpoint is written right after its validation; its log line times the epoch end
+    ends: dict[int, float] = {}
+    rates: dict[int, float] = {}
+    for t, line in w.lines:
+        if m := re.search(r"checkpoint-(\d+)\.pth\.tar", line):
+            ends.setdefault(int(m.group(1)), t)
+        if m := re.match(r"Train: (\d+) \[.*\(\s*[\d.]+s,\s*([\d.]+)/s\)", line):
+            rates[int(m.group(1))] = float(m.group(2))  # the last line of an epoch: its average rate
+    per_epoch = [{"epoch": e + 1, "t_s": ends[e], "weights": str(run / f"checkpoint-{e}.pth.tar"),
+                  "img_per_s": rates.get(e)} for e in sorted(ends)]
+    return {"tool": "timm", "command": " ".join(cmd), "wall_s": w.wall, "peak_rss_gb": w.peak_rss / 2**30,
+            "epochs": per_epoch, "best_weights": str(run / "model_best.pth.tar"),
+            "final_weights": str(run / "last.pth.tar")}
+
+
+def load_weights(backbone: str, path: str) -> torch.nn.Module:
+    import timm
+    from safetensors.torch import load_file
+
+    model = timm.create_model(backbone, num_classes=4)
+    if path.endswith(".safetensors"):
+        sd = {k.removeprefix("module."): v for k, v in load_file(path).items()}
+        model.load_state_dict(sd)
+    else:
+        timm.models.load_checkpoint(model, path)
+    return model.eval()
+
+
+def test_metrics(model: torch.nn.Module, folder: Path, img_size: int) -> dict:
+    """Accuracy and macro-F1 on the test split, one eval transform for both tools."""
+    import timm.data
+    from torchvision.datasets import ImageFolder
+
+    from dtl.classification_metrics import confusion_update, summarize
+
+    tf = timm.data.create_transform((3, img_size, img_size), interpolation="bicubic", mean=(0.5,) * 3,
+                                    std=(0.5,) * 3, crop_pct=1.0)
+    ds = ImageFolder(str(folder / "test"), transform=tf)
+    cm = torch.zeros(len(ds.classes), len(ds.classes), dtype=torch.long)
+    with torch.inference_mode():
+        for x, y in torch.utils.data.DataLoader(ds, batch_size=64, num_workers=2):
+            confusion_update(cm, model(x).argmax(1), y)
+    m = summarize(cm)
+    return {"acc": m["acc"], "macro_f1": m["macro_f1"]}
+
+
+def time_to(epochs: list[dict], target: float) -> float | None:
+    return next((e["t_s"] for e in epochs if e["test_acc"] >= target - 1e-9), None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--data", default="data/elpv")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0")
+    p.add_argument("--img-size", type=int, default=160)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="dtl, timm pairs, alternating")
+    p.add_argument("--out", default="runs/bench-vs-timm")
+    p.add_argument("--dtl-set", nargs="*", default=[], help="extra dtl overrides")
+    p.add_argument("--json")
+    args = p.parse_args()
+    out = REPO / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    folder = out / "imagefolder"
+    counts = export_imagefolder(REPO / args.data, folder)
+    weights = timm_weights(args.backbone, out)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    runs = []
+    for r in range(args.repeats):
+        runs.append(run_dtl(args, out / f"dtl-{r}", env))
+        runs.append(run_timm(args, out / f"timm-{r}", folder, weights, env))
+    torch.set_num_threads(os.cpu_count() or 1)
+    for run in runs:
+        for e in run["epochs"]:
+            m = test_metrics(load_weights(args.backbone, e["weights"]), folder, args.img_size)
+            e["test_acc"], e["test_macro_f1"] = m["acc"], m["macro_f1"]
+        for which in ("best", "final"):
+            m = test_metrics(load_weights(args.backbone, run[f"{which}_weights"]), folder, args.img_size)
+            run[f"{which}_test_acc"], run[f"{which}_test_macro_f1"] = m["acc"], m["macro_f1"]
+        print(f"{run['tool']:5s} wall {run['wall_s']:7.1f} s  final test acc {run['final_test_acc']:.4f} "
+              f"f1 {run['final_test_macro_f1']:.4f}  best {run['best_test_acc']:.4f}  "
+              f"img/s {[round(e['img_per_s'] or 0, 1) for e in run['epochs']]}")
+    pairs = []
+    for dtl_run, timm_run in zip(runs[::2], runs[1::2]):
+        target = timm_run["final_test_acc"]
+        t_dtl, t_timm = time_to(dtl_run["epochs"], target), time_to(timm_run["epochs"], target)
+        full = [e["img_per_s"] for e in dtl_run["epochs"] if e["img_per_s"]]
+        rate_timm = [e["img_per_s"] for e in timm_run["epochs"][1:] if e["img_per_s"]]
+        pairs.append({"timm_final_test_acc": target, "dtl_time_to_timm_final_s": t_dtl,
+                      "timm_time_to_own_final_s": t_timm, "timm_wall_s": timm_run["wall_s"],
+                      "dtl_wall_s": dtl_run["wall_s"],
+                      "time_to_accuracy_ratio": (t_dtl / timm_run["wall_s"]) if t_dtl is not None else None,
+                      "wall_ratio": dtl_run["wall_s"] / timm_run["wall_s"],
+                      "img_per_s_ratio": (sorted(full)[len(full) // 2] / sorted(rate_timm)[len(rate_timm) // 2])
+                      if full and rate_timm else None})
+        print(json.dumps(pairs[-1]))
+    result = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+                          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+              "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__,
+                           "python": platform.python_version(), "timm_train": "bench/third_party/timm_train.py"},
+              "samples": counts, "runs": runs, "pairs": pairs}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
