@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from dtl.classification_metrics import confusion_update, summarize
 from dtl.data_pipeline import Data
-from dtl.parallel_strategy import ParallelStrategy
+from dtl.parallel_strategy import ParallelStrategy, gather_rows
 from dtl.shard_stream import ShardStream
 
 MAX_SAMPLES = 20_000
@@ -108,14 +108,5 @@ def evaluate(accelerator: Accelerator, strategy: ParallelStrategy, model: torch.
     metrics["samples"] = int(cm.sum())
     local = (keys, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
              torch.cat(probs) if probs else torch.zeros(0, num_classes))
-    keys, lab, prob = _gather(local, accelerator.num_processes)
+    keys, lab, prob = gather_rows(local, accelerator.num_processes)
     return EvalResult(split, metrics, cm.cpu(), keys, lab, prob)
-
-
-def _gather(local: tuple[list[str], torch.Tensor, torch.Tensor], world: int) -> tuple:
-    """Per-sample results of every rank, on every rank (rank order)."""
-    if world == 1 or not torch.distributed.is_initialized():
-        return local
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, local)
-    return ([k for p in parts for k in p[0]], torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))

@@ -32,6 +32,7 @@ from dtl.backbones import head_name
 from dtl.classification_metrics import confusion_update, summarize
 from dtl.data_pipeline import build_transform
 from dtl.feature_cache import head_inputs
+from dtl.parallel_strategy import gather_rows
 from dtl.shard_stream import ShardStream, StreamOptions
 from dtl.user_errors import DtlError
 
@@ -57,15 +58,6 @@ def _features(run, stream: ShardStream, epoch: Optional[int]) -> tuple[torch.Ten
     if not feats:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
-
-
-def _gather(x: torch.Tensor, y: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if world == 1 or not torch.distributed.is_initialized():
-        return x, y
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, (x, y))
-    parts = [p for p in parts if p[0].numel()]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _stream(run, split: str, augmented: bool) -> ShardStream:
@@ -103,8 +95,8 @@ def extract(run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
         return cached["x"], cached["y"], cached["vx"], cached["vy"]
     xs, ys = zip(*[_features(run, _stream(run, "train", v > 0), v - 1 if v > 0 else None)
                    for v in range(1 + cfg.augmented_views)])
-    x, y = _gather(torch.cat(xs), torch.cat(ys), world)
-    vx, vy = _gather(*_features(run, _stream(run, "val", False), None), world)
+    x, y = gather_rows((torch.cat(xs), torch.cat(ys)), world)
+    vx, vy = gather_rows(_features(run, _stream(run, "val", False), None), world)
     if run.accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")

@@ -138,3 +138,20 @@ class ParallelStrategy:
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Every rank calls this; under FSDP the shards are gathered (the main process gets them)."""
         return self.accelerator.get_state_dict(model)
+
+
+def gather_rows(local: tuple, world: int) -> tuple:
+    """Every rank's rows on every rank, in rank order: each item of `local` is a list (joined) or a
+    tensor (concatenated along dim 0; a rank's empty tensor is skipped, whatever its shape)."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return local
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, local)
+    out: list = []
+    for i, item in enumerate(local):
+        if isinstance(item, torch.Tensor):
+            rows = [p[i] for p in parts if p[i].numel()]
+            out.append(torch.cat(rows) if rows else item)
+        else:
+            out.append([v for p in parts for v in p[i]])
+    return tuple(out)
