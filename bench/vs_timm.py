@@ -236,7 +236,7 @@ def main() -> None:
         target = timm_run["final_test_acc"]
         t_dtl, t_timm = time_to(dtl_run["epochs"], target), time_to(timm_run["epochs"], target)
         full = [e["img_per_s"] for e in dtl_run["epochs"] if e["img_per_s"]]
-        rate_timm = [e["img_per_s"] for e in timm_run["epochs"][1:] if e["img_per_s"]]
+        rate_timm = [e["img_per_s"] for e in timm_run["epochs"] if e["img_per_s"]]
         pairs.append({"timm_final_test_acc": target, "dtl_time_to_timm_final_s": t_dtl,
                       "timm_time_to_own_final_s": t_timm, "timm_wall_s": timm_run["wall_s"],
                       "dtl_wall_s": dtl_run["wall_s"],
