@@ -215,7 +215,7 @@ def main() -> None:
     folder = out / "imagefolder"
     counts = export_imagefolder(REPO / args.data, folder)
     weights = timm_weights(args.backbone, out)
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}  # lines timed as they arrive
     runs = []
     for r in range(args.repeats):
         runs.append(run_dtl(args, out / f"dtl-{r}", env))
