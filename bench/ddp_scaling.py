@@ -18,19 +18,19 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import torch
+
+from process_watch import ProcessWatch
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run(procs: int, args, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the run's log goes beside it
     overrides = [f"output_dir={out}", "epochs=1", f"max_steps_per_epoch={args.steps}",
                  f"data.batch_size={args.global_batch // procs}", "finetune.probe.enabled=false",
                  "finetune.stages=[{epoch: 0, train: all}]", "data.val_split=null", "data.test_split=null",
@@ -39,24 +39,14 @@ def run(procs: int, args, out: Path) -> dict:
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
             "--master_port", str(29400 + os.getpid() % 500), *script] if procs > 1 else [sys.executable, *script])
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    t0 = time.time()
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = 0
-    watch = psutil.Process(p.pid)
-    while p.poll() is None:
-        try:
-            peak = max(peak, sum(c.memory_info().rss for c in [watch, *watch.children(recursive=True)]))
-        except psutil.Error:
-            pass
-        time.sleep(0.5)
-    log = p.stdout.read()
-    if p.returncode:
-        raise SystemExit(f"{procs} process(es) failed:\n{log[-3000:]}")
+    w = ProcessWatch(cmd, out.parent / f"{out.name}.log", env, REPO)
+    if w.rc:
+        raise SystemExit(f"{procs} process(es) failed: {out.parent / (out.name + '.log')}")
     rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     epoch = next(r for r in rec if "train/img_per_s" in r)
     return {"procs": procs, "img_per_s": epoch["train/img_per_s"], "img_per_s_per_proc": epoch["train/img_per_s"] / procs,
-            "epoch_time_s": epoch["epoch_time_s"], "wall_s": time.time() - t0, "peak_rss_gb": peak / 2**30,
-            "threads_line": next((x for x in log.splitlines() if x.startswith("cpu:")), "")}
+            "epoch_time_s": epoch["epoch_time_s"], "wall_s": w.wall, "peak_rss_gb": w.peak_rss / 2**30,
+            "threads_line": next((x for _, x in w.lines if x.startswith("cpu:")), "")}
 
 
 def main() -> None:

@@ -26,14 +26,12 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import torch
+
+from process_watch import ProcessWatch
 
 REPO = Path(__file__).resolve().parent.parent
 TIMM_TRAIN = REPO / "bench" / "third_party" / "timm_train.py"
@@ -79,41 +77,12 @@ def timm_weights(backbone: str, out: Path) -> Path:
     return path
 
 
-class ProcessWatch:
-    """Runs a command, timestamps every output line, samples the RSS of its process tree."""
-
-    def __init__(self, cmd: list[str], log: Path, env: dict):
-        self.lines: list[tuple[float, str]] = []
-        self.peak_rss = 0
-        self.start = time.time()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env, cwd=REPO)
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
-        with open(log, "w") as f:
-            for line in self.proc.stdout:
-                self.lines.append((time.time() - self.start, line.rstrip()))
-                f.write(line)
-        self.rc = self.proc.wait()
-        self.wall = time.time() - self.start
-
-    def _sample(self) -> None:
-        p = psutil.Process(self.proc.pid)
-        while self.proc.poll() is None:
-            try:
-                rss = sum(c.memory_info().rss for c in [p, *p.children(recursive=True)])
-                self.peak_rss = max(self.peak_rss, rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.5)
-
-
 def run_dtl(args, out: Path, env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "dtl/train.py", "--config", args.config, f"output_dir={out}", f"epochs={args.epochs}",
            f"data.root={args.data}", f"checkpoint.keep={args.epochs + 1}", "wandb.enabled=false", "report=false",
            f"seed={args.seed}", *args.dtl_set]
-    w = ProcessWatch(cmd, out.parent / f"{out.name}.log", env)
+    w = ProcessWatch(cmd, out.parent / f"{out.name}.log", env, REPO)
     if w.rc:
         raise SystemExit(f"dtl failed ({w.rc}): {out.parent / (out.name + '.log')}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -143,7 +112,7 @@ def run_timm(args, out: Path, folder: Path, weights: Path, env: dict) -> dict:
            "--scale", "0.7", "1.0", "--color-jitter", "0", "--workers", "2", "--channels-last",
            "--checkpoint-hist", str(args.epochs + 1), "--log-interval", "10", "--seed", str(args.seed),
            "--output", str(out), "--experiment", "run", "--device", "cuda" if torch.cuda.is_available() else "cpu"]
-    w = ProcessWatch(cmd, out.parent / f"{out.name}.log", env)
+    w = ProcessWatch(cmd, out.parent / f"{out.name}.log", env, REPO)
     if w.rc:
         raise SystemExit(f"timm train.py failed ({w.rc}): {out.parent / (out.name + '.log')}")
     run = out / "run"

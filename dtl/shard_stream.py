@@ -340,9 +340,6 @@ def _collate(batch: list[tuple[torch.Tensor, int, str]]) -> dict:
     return {"image": images, "label": labels, "key": keys}
 
 
-WORKER_START_METHODS = ("forkserver", "fork", "spawn")
-
-
 def _worker_context(method: str) -> Optional[multiprocessing.context.BaseContext]:
     """How DataLoader workers start. 'forkserver' (the default, as in Python 3.14) forks each
     worker from a small single-threaded server: a plain fork of the training process, which has
@@ -359,8 +356,7 @@ def _worker_context(method: str) -> Optional[multiprocessing.context.BaseContext
 def start_worker_server(method: str, num_workers: int) -> None:
     """Start the forkserver now, so it imports torch and dtl while the model is being built
     instead of when the first loader starts (3-4 s on a small CPU)."""
-    ctx = _worker_context(method) if num_workers else None
-    if ctx is not None and method == "forkserver":
+    if num_workers and method == "forkserver" and _worker_context(method) is not None:  # sets the preload
         from multiprocessing import forkserver
         forkserver.ensure_running()
 
