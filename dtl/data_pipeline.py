@@ -6,7 +6,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -49,8 +49,9 @@ def prepare_shards(cfg: DataConfig, seed: int) -> None:
     os.replace(partial, root)
 
 
-def build_transform(pre: dict, train: bool, aug: AugmentConfig) -> Callable:
-    """timm's transforms, configured with the backbone's preprocessing."""
+def build_transform(pre: dict, train: bool, aug: AugmentConfig, uint8: bool = False) -> Callable:
+    """timm's transforms, configured with the backbone's preprocessing. `uint8` (training only, no
+    random erasing): stop at a uint8 tensor, as for timm's prefetcher; `DeviceNormalize` finishes it."""
     from timm.data import create_transform
 
     kwargs = dict(input_size=tuple(pre["input_size"]), interpolation=pre["interpolation"],
@@ -60,7 +61,8 @@ def build_transform(pre: dict, train: bool, aug: AugmentConfig) -> Callable:
         return create_transform(is_training=False, **kwargs)
     tf = create_transform(is_training=True, hflip=aug.hflip, vflip=aug.vflip, scale=tuple(aug.crop_scale),
                           ratio=tuple(aug.crop_ratio), color_jitter=aug.color_jitter,
-                          auto_augment=aug.auto_augment, re_prob=aug.random_erasing, re_mode="pixel", **kwargs)
+                          auto_augment=aug.auto_augment, re_prob=aug.random_erasing, re_mode="pixel",
+                          use_prefetcher=uint8 and not aug.random_erasing, **kwargs)
     if aug.rotate or aug.translate or aug.shear or aug.zoom:  # Keras' ImageDataGenerator geometry, first
         from torchvision import transforms
 
@@ -69,6 +71,22 @@ def build_transform(pre: dict, train: bool, aug: AugmentConfig) -> Callable:
                                          shear=aug.shear or None, interpolation=transforms.InterpolationMode.BILINEAR)
         tf.transforms.insert(0, affine)
     return tf
+
+
+class DeviceNormalize:
+    """Normalise a uint8 image batch where it is (the GPU): (x - 255 mean) / (255 std), which is timm's
+    ToTensor + Normalize up to float rounding. Workers then collate, pin and copy a quarter of the bytes."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor([255 * m for m in mean]).view(1, -1, 1, 1)
+        self.std = torch.tensor([255 * s for s in std]).view(1, -1, 1, 1)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device not in self._on:
+            self._on[x.device] = (self.mean.to(x.device), self.std.to(x.device))
+        mean, std = self._on[x.device]
+        return x.float().sub_(mean).div_(std)  # float() keeps the memory format
 
 
 @dataclass
@@ -81,6 +99,7 @@ class Data:
     eval_batch_size: int
     num_workers: int
     worker_start: str = "forkserver"
+    normalize: Optional[DeviceNormalize] = None   # for uint8 batches (the training stream's by default)
 
     def loader(self, stream: ShardStream, batch_size: Optional[int] = None) -> torch.utils.data.DataLoader:
         """Every DataLoader of a run: this run's workers and their start method."""
@@ -113,10 +132,12 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
         opts = StreamOptions(classes=classes, label_field=d.label_field, train=train, seed=cfg.seed,
                              shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, max_errors=d.max_errors,
                              draft_size=size, error_log=error_log, retry=retry)
-        return ShardStream(source, build_transform(pre, train, d.augment), opts, rank, world_size, d.num_workers)
+        tf = build_transform(pre, train, d.augment, uint8=train and d.normalize_on_device)
+        return ShardStream(source, tf, opts, rank, world_size, d.num_workers)
 
     data = Data(classes, stream(d.train_split, True), stream(d.val_split, False), stream(d.test_split, False),
-                d.batch_size, d.eval_batch_size or d.batch_size, d.num_workers, d.worker_start)
+                d.batch_size, d.eval_batch_size or d.batch_size, d.num_workers, d.worker_start,
+                DeviceNormalize(pre["mean"], pre["std"]))
     if rank == 0:
         warn_dropped_samples(data.train, d.batch_size, world_size)
     return data

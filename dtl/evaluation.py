@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from dtl.classification_metrics import confusion_update, summarize
-from dtl.data_pipeline import Data
+from dtl.data_pipeline import Data, DeviceNormalize
 from dtl.parallel_strategy import ParallelStrategy, gather_rows
 from dtl.shard_stream import ShardStream
 
@@ -41,8 +41,17 @@ def progress_bars_off(accelerator: Accelerator) -> bool:
     return not (accelerator.is_local_main_process and sys.stderr.isatty())
 
 
-def as_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """An image batch on the device, channels-last when the model is (a copy inside every conv otherwise)."""
+def as_input(x: torch.Tensor, device: torch.device, channels_last: bool,
+             normalize: Optional[DeviceNormalize] = None) -> torch.Tensor:
+    """An image batch on the device, channels-last when the model is (a copy inside every conv otherwise);
+    a uint8 batch is copied as uint8 and normalised there."""
+    if x.dtype == torch.uint8:
+        if normalize is None:
+            raise ValueError("a uint8 image batch needs its normalisation (Data.normalize)")
+        x = x.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return normalize(x)
     if channels_last and x.dim() == 4:
         return x.to(device, memory_format=torch.channels_last, non_blocking=True)
     return x.to(device, non_blocking=True)
@@ -91,7 +100,7 @@ def evaluate(accelerator: Accelerator, strategy: ParallelStrategy, model: torch.
                 with accelerator.autocast():
                     predict_logits(net, torch.zeros(1, *input_size, device=dev), tta)
                 continue
-            x, y = as_input(batch["image"], dev, channels_last), batch["label"].to(dev)
+            x, y = as_input(batch["image"], dev, channels_last, data.normalize), batch["label"].to(dev)
             with accelerator.autocast():
                 logits = predict_logits(net, x, tta)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()

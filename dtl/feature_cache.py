@@ -171,7 +171,7 @@ def head_inputs(run, images: torch.Tensor) -> torch.Tensor:
     net.eval()
     try:
         with torch.no_grad(), acc.autocast():
-            net(as_input(images, acc.device, run.cfg.model.channels_last))
+            net(as_input(images, acc.device, run.cfg.model.channels_last, run.data.normalize))
     finally:
         hook.remove()
         for m, mode in modes:  # back to the stage's modes (frozen BatchNorm stays in eval)

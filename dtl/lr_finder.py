@@ -19,6 +19,7 @@ import torch
 from dtl.run_finish import model_build
 from dtl.backbones import create_classifier, preprocessing
 from dtl.data_pipeline import build_data, prepare_shards, run_classes
+from dtl.evaluation import as_input
 from dtl.finetune_plan import FinetunePlan, freeze_batchnorm, set_trainable
 from dtl.layer_groups import layer_groups
 from dtl.optimization import param_groups
@@ -70,7 +71,8 @@ def _sweep(model, plan, trainable, data, optimizer, ratios, criterion, start_lr,
             lr = start_lr * gamma ** step
             for pg, r in zip(optimizer.param_groups, ratios):
                 pg["lr"] = lr * r
-            loss = criterion(model(batch["image"]).float(), batch["label"])
+            loss = criterion(model(as_input(batch["image"], torch.device("cpu"), False, data.normalize)).float(),
+                             batch["label"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -70,6 +70,10 @@ class DataConfig(_Strict):
     worker_start: Literal["forkserver", "fork", "spawn"] = Field(
         "forkserver", description="how DataLoader workers start: forkserver (safe with the threads W&B and "
                                   "loaders leave in the trainer), fork (plain fork: faster start, can hang), spawn")
+    normalize_on_device: bool = Field(
+        True, description="training images travel as uint8 and are normalised on the device, as timm's CUDA "
+                          "prefetcher does: a quarter of the bytes to collate, pin and copy (off: float32 from the "
+                          "workers; random erasing always uses float32)")
     shuffle_buffer: int = Field(1000, ge=0, description="samples mixed in each worker's shuffle buffer")
     on_error: Literal["error", "skip"] = Field("error", description="bad sample or shard: stop naming it, or skip and log it")
     max_errors: int = Field(10, ge=0, description="with on_error=skip, stop after this many bad samples")

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from dtl import checkpoints as ckpt
 from dtl.classifier_heads import head_spec
@@ -109,12 +112,22 @@ def select_best(run, epoch: int, candidates: dict[str, Optional[EvalResult | dic
         state.stale_epochs += 1
 
 
+def memory_record(device: torch.device) -> dict:
+    """Peak host RSS of this process so far and, on a GPU, the epoch's peak allocated memory (rank 0's):
+    what a user sizing batch and stage plan needs per stage."""
+    record = {"sys/host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if device.type == "cuda":
+        record["sys/gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return record
+
+
 def epoch_record(run, stats, val: Optional[EvalResult], val_ema: Optional[EvalResult] = None) -> dict:
     """What metrics.jsonl and W&B get for an epoch."""
     record = {"train/loss": stats.loss, "train/acc": stats.acc, "stage": run.state.stage,
               "trainable_params": run.strategy.count_trainable(run.model, run.plan, run.stage),
               "epoch_time_s": stats.seconds, "train/img_per_s": stats.images / max(1e-9, stats.seconds),
               **stats.lrs}
+    record.update(memory_record(run.accelerator.device))
     retries = sum(len(p.read_text().splitlines()) for p in run.out.glob("shard_retries.rank*.jsonl"))
     if retries:
         record["data/shard_retries"] = retries   # remote shards retried so far in this run (all ranks)

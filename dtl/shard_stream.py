@@ -340,6 +340,12 @@ def _collate(batch: list[tuple[torch.Tensor, int, str]]) -> dict:
     return {"image": images, "label": labels, "key": keys}
 
 
+# What dtl/train.py imports, not dtl.train itself: a worker re-runs the trainer's main module
+# (`python -m dtl.train` too), and runpy warns when that module was imported before it.
+_SERVER_PRELOAD = ("torch", "PIL.Image", "dtl.shard_stream", "dtl.run_setup", "dtl.run_finish", "dtl.linear_probe",
+                   "dtl.training_epoch")
+
+
 def _worker_context(method: str) -> Optional[multiprocessing.context.BaseContext]:
     """How DataLoader workers start. 'forkserver' (the default, as in Python 3.14) forks each
     worker from a small single-threaded server: a plain fork of the training process, which has
@@ -349,7 +355,7 @@ def _worker_context(method: str) -> Optional[multiprocessing.context.BaseContext
         return None                                   # e.g. forkserver on Windows: the platform's default
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(["torch", "PIL.Image", "dtl.shard_stream", "dtl.train"])  # no effect once running
+        ctx.set_forkserver_preload(list(_SERVER_PRELOAD))  # no effect once running
     return ctx
 
 

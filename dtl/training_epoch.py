@@ -49,7 +49,8 @@ def batches(run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Calla
         return
     run.data.train.set_epoch(epoch, skip_batches=run.state.batch_in_epoch, batch_size=run.data.batch_size)
     for batch in run.data.loader(run.data.train):
-        yield as_input(batch["image"], dev, run.cfg.model.channels_last), batch["label"].to(dev), run.model, False
+        x = as_input(batch["image"], dev, run.cfg.model.channels_last, run.data.normalize)
+        yield x, batch["label"].to(dev), run.model, False
 
 
 def train_one_epoch(run, epoch: int) -> EpochStats:
@@ -57,6 +58,8 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
     acc, cfg, state = run.accelerator, run.cfg, run.state
     model, optimizer, criterion = run.model, run.optimizer, run.criterion
     run.strategy.train_mode(model, run.plan, run.stage, cfg.finetune.bn_frozen, cfg.finetune.bn_eval)
+    if acc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(acc.device)  # the epoch record reports this epoch's (stage's) peak
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     correct = torch.zeros((), dtype=torch.long, device=acc.device)
     seen, t0, lrs, stopped = 0, time.time(), group_lrs(optimizer), False

@@ -143,3 +143,32 @@ def test_class_weights_from_dataset_counts(tmp_path, shard_dir):
     assert soft[2] / soft[0] == pytest.approx((1508 / 106) ** 0.5)  # square root: softer
     summary, _ = _run(tmp_path, shard_dir, epochs=1, **{"data.class_weights": True})
     assert summary["test/samples"] == 15
+
+
+def test_uint8_batches_normalised_on_the_device_train_as_float_batches_do(tmp_path, shard_dir):
+    """data.normalize_on_device (the default) sends the training images as uint8 and normalises them
+    after the copy, as timm's prefetcher: the same inputs up to float rounding, so the same model."""
+    from dtl.data_pipeline import build_data
+    from dtl.backbones import create_classifier, preprocessing
+
+    cfg = Config.model_validate(tiny_config(tmp_path / "x", shard_dir))
+    pre = preprocessing(create_classifier("test_efficientnet", 3), 32, None)
+    data = build_data(cfg, pre, CLASSES, 0, 1, None)
+    data.train.set_epoch(0)
+    assert next(iter(data.loader(data.train)))["image"].dtype == torch.uint8
+    assert next(iter(data.loader(data.val)))["image"].dtype == torch.float32   # evaluation stays float
+    erasing = cfg.model_copy(deep=True)
+    erasing.data.augment.random_erasing = 0.5                                 # needs normalised floats
+    data = build_data(erasing, pre, CLASSES, 0, 1, None)
+    data.train.set_epoch(0)
+    assert next(iter(data.loader(data.train)))["image"].dtype == torch.float32
+
+    stages = {"finetune.stages": [{"epoch": 0, "train": "all"}], "epochs": 2}
+    on, on_out = _run(tmp_path / "on", shard_dir, **stages)
+    off, off_out = _run(tmp_path / "off", shard_dir, **stages, **{"data.normalize_on_device": False})
+    # Adam turns a rounding-sized change of a near-zero gradient into a full step, so weights can
+    # differ by ~lr here and there; what the runs learn does not
+    losses = [[json.loads(x)["train/loss"] for x in (o / "metrics.jsonl").read_text().splitlines() if '"train/acc"' in x]
+              for o in (on_out, off_out)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    assert on["test/acc"] == off["test/acc"] and on["test/loss"] == pytest.approx(off["test/loss"], rel=1e-2)

@@ -1,0 +1,280 @@
+"""Training throughput on one GPU: dtl end to end from shards, timm's train.py on the same images as
+an ImageFolder, the model-only bound, and the loader alone.
+
+    python bench/gpu_throughput.py --data data/elpv --models resnet50 tf_efficientnet_lite0 \
+        vit_small_patch16_224 --size 224 --batch 128 --workers 12 --json OUT.json
+
+All groups trainable, random init (throughput does not depend on the weights), bf16 autocast,
+channels_last, AdamW, the same augmentation (random resized crop, horizontal flip). The training
+split's images are re-encoded once as JPEG (quality 95), and its shards are listed `--replicas` times so that an epoch lasts long enough to time; timm gets
+the same images, one file per sample. Rates:
+  model-only   the training step on one batch already on the GPU (the bound)
+  loader       dtl's loader alone: decode + augment + collate + pinned batches, no model
+  dtl          `dtl/train.py`, the img/s of its last epoch (the first pays for cuDNN autotuning)
+  timm         timm's train.py (bench/third_party), the average rate of its last epoch's last log line
+Peak GPU memory: model-only from torch, dtl from its epoch record (sys/gpu_peak_mem_gb).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TIMM_TRAIN = REPO / "bench" / "third_party" / "timm_train.py"
+sys.path.insert(0, str(REPO))
+
+
+def as_jpeg_shards(root: Path, out: Path) -> None:
+    """root's training shards with every image re-encoded as JPEG (quality 95): the format most
+    users' images come in, and one that timm's ImageFolder reader takes (it skips .webp)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from dtl.shard_stream import iter_tar_samples
+
+    index = json.loads((root / "dataset.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in index["splits"]["train"]["shards"]:
+        if (out / shard["name"]).exists():
+            continue
+        with tarfile.open(out / f"{shard['name']}.tmp", "w") as tar:
+            for s in iter_tar_samples(str(root / shard["name"])):
+                ext = next(k for k in s if k in ("png", "jpg", "jpeg", "webp"))
+                buf = io.BytesIO()
+                Image.open(io.BytesIO(s[ext])).save(buf, format="JPEG", quality=95)
+                for field, data in ((f"{s['__key__']}.jpg", buf.getvalue()), (f"{s['__key__']}.cls", s["cls"])):
+                    info = tarfile.TarInfo(field)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        (out / f"{shard['name']}.tmp").rename(out / shard["name"])
+    (out / "dataset.json").write_text(json.dumps(index))
+
+
+def replicate(root: Path, out: Path, times: int) -> int:
+    """out/dataset.json listing root's training shards `times` over (symlinks); returns samples."""
+    index = json.loads((root / "dataset.json").read_text())
+    train = index["splits"]["train"]
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for r in range(times):
+        for s in train["shards"]:
+            name = f"r{r}-{s['name']}"
+            if not (out / name).exists():
+                (out / name).symlink_to((root / s["name"]).resolve())
+            shards.append({"name": name, "count": s["count"]})
+    count = train["count"] * times
+    (out / "dataset.json").write_text(json.dumps({**index, "splits": {"train": {
+        "shards": shards, "count": count, "class_counts": [c * times for c in train["class_counts"]]}}}))
+    return count
+
+
+def export_imagefolder(root: Path, out: Path) -> None:
+    """Every training sample of the (replicated) shards as out/train/INDEX_CLASS/SHARD_KEY.EXT."""
+    from dtl.shard_stream import iter_tar_samples
+
+    if (out / ".complete").exists():
+        return
+    index = json.loads((root / "dataset.json").read_text())
+    for shard in index["splits"]["train"]["shards"]:
+        for s in iter_tar_samples(str(root / shard["name"])):
+            ext = next(k for k in s if k in ("png", "jpg", "jpeg", "webp"))
+            dst = out / "train" / f"{int(s['cls'])}_c" / f"{Path(shard['name']).stem}_{s['__key__']}.{ext}"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(s[ext])
+    (out / ".complete").write_text("")
+
+
+def model_only(name: str, size: int, batch: int, steps: int, device: str) -> dict:
+    """The training step on a batch that is already on the device: what no loader can beat."""
+    from dtl.backbones import create_classifier
+
+    torch.manual_seed(0)
+    model = create_classifier(name, 4).to(device).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (batch,), device=device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    sec = time.perf_counter() - t
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    return {"img_per_s": steps * batch / sec, "step_ms": 1e3 * sec / steps, "gpu_peak_mem_gb": mem}
+
+
+def loader_only(cfg_path: Path, min_images: int) -> dict:
+    """dtl's training loader alone (the run's transform, workers, pinned memory), copied to the GPU."""
+    from dtl.backbones import create_classifier, preprocessing
+    from dtl.data_pipeline import build_data, run_classes
+    from dtl.run_config import load_config
+    from dtl.shard_stream import start_worker_server
+
+    cfg = load_config(cfg_path)
+    start_worker_server(cfg.data.worker_start, cfg.data.num_workers)
+    classes = run_classes(cfg.data)
+    pre = preprocessing(create_classifier(cfg.model.backbone, len(classes)), cfg.data.img_size, cfg.data.crop_pct)
+    data = build_data(cfg, pre, classes, 0, 1, None)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rates = []
+    for epoch in range(2):  # the first pass pays for starting the workers
+        data.train.set_epoch(epoch, skip_batches=0, batch_size=data.batch_size)
+        n, t = 0, time.perf_counter()
+        for batch in data.loader(data.train):
+            batch["image"].to(dev, non_blocking=True)
+            n += len(batch["label"])
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        rates.append(n / (time.perf_counter() - t))
+        assert n >= min_images, (n, min_images)
+    return {"img_per_s": rates[-1], "first_pass_img_per_s": rates[0]}
+
+
+def dtl_config(args, name: str, data: Path, out: Path) -> Path:
+    cfg = {"output_dir": str(out / f"dtl-{name}"), "epochs": args.epochs, "seed": 0,
+           "mixed_precision": "bf16" if torch.cuda.is_available() else "no", "report": False, "resume": "never",
+           "log_every_steps": 50,
+           "data": {"root": str(data), "img_size": args.size, "batch_size": args.batch, "num_workers": args.workers,
+                    "val_split": None, "test_split": None, "augment": {"hflip": 0.5, "crop_scale": [0.08, 1.0]}},
+           "model": {"backbone": name, "pretrained": False, "channels_last": True},
+           "finetune": {"stages": [{"epoch": 0, "train": "all"}], "decay": 1.0},
+           "optim": {"lr": 1e-4, "warmup_epochs": 0}, "wandb": {"enabled": False}}
+    path = out / f"dtl-{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_dtl(cfg_path: Path, log: Path) -> dict:
+    t = time.time()
+    r = subprocess.run([sys.executable, "dtl/train.py", "--config", str(cfg_path)], cwd=REPO, stdout=open(log, "w"),
+                       stderr=subprocess.STDOUT)
+    wall = time.time() - t
+    if r.returncode:
+        return {"rc": r.returncode, "log_tail": log.read_text()[-1500:]}
+    out = Path(yaml.safe_load(cfg_path.read_text())["output_dir"])
+    epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train/img_per_s"' in x]
+    return {"rc": 0, "wall_s": wall, "img_per_s": epochs[-1]["train/img_per_s"],
+            "img_per_s_per_epoch": [e["train/img_per_s"] for e in epochs],
+            "gpu_peak_mem_gb": epochs[-1].get("sys/gpu_peak_mem_gb"),
+            "host_peak_rss_gb": epochs[-1].get("sys/host_peak_rss_gb")}
+
+
+def run_timm(args, name: str, folder: Path, out: Path, log: Path) -> dict:
+    shutil.rmtree(out / f"timm-{name}", ignore_errors=True)
+    cmd = [sys.executable, str(TIMM_TRAIN), "--data-dir", str(folder), "--train-split", "train", "--val-split", "train",
+           "--model", name, "--num-classes", "4", "--img-size", str(args.size), "--batch-size", str(args.batch),
+           "--epochs", str(args.epochs), "--opt", "adamw", "--lr", "1e-4", "--sched", "cosine", "--warmup-epochs", "0",
+           "--hflip", "0.5", "--color-jitter", "0", "--workers", str(args.workers), "--pin-mem", "--channels-last",
+           "--log-interval", "20", "--output", str(out / f"timm-{name}"), "--experiment", "run"]
+    if torch.cuda.is_available():  # timm's defaults there: its CUDA prefetcher (normalises on the GPU)
+        cmd += ["--amp", "--amp-dtype", "bfloat16", "--device", "cuda"]
+    else:
+        cmd += ["--device", "cpu", "--no-prefetcher"]
+    # validation (on the training folder, timm needs one) is stopped by the timeout below after the last epoch's
+    # training lines; only those are read
+    t = time.time()
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last_epoch = args.epochs - 1
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Test:") and any(x.startswith(f"Train: {last_epoch} ") for x in lines):
+            proc.kill()  # the last epoch's training is done; its validation is not part of the rate
+            break
+    proc.wait()
+    wall = time.time() - t
+    log.write_text("".join(lines))
+    rates = {}
+    for line in lines:
+        if m := re.match(r"Train: (\d+) \[.*\(\s*[\d.]+s,\s*([\d.]+)/s\)", line):
+            rates[int(m.group(1))] = float(m.group(2))  # the epoch's last line carries its average
+    if last_epoch not in rates:
+        return {"rc": proc.returncode, "log_tail": "".join(lines)[-1500:]}
+    return {"rc": 0, "wall_s_to_last_train_line": wall, "img_per_s": rates[last_epoch],
+            "img_per_s_per_epoch": [rates[e] for e in sorted(rates)]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/elpv")
+    p.add_argument("--models", nargs="+", default=["resnet50", "tf_efficientnet_lite0", "vit_small_patch16_224"])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=4)
+    p.add_argument("--steps", type=int, default=30, help="timed model-only steps")
+    p.add_argument("--skip", nargs="*", default=[], choices=["model", "loader", "dtl", "timm"])
+    p.add_argument("--out", default="runs/bench-gpu-throughput")
+    p.add_argument("--json")
+    args = p.parse_args()
+    out = (REPO / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = out / "shards"
+    as_jpeg_shards((REPO / args.data).resolve(), out / "jpeg")
+    n = replicate(out / "jpeg", data, args.replicas)
+    if "timm" not in args.skip:
+        export_imagefolder(data, out / "imagefolder")
+    result = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
+              "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__,
+                           "python": platform.python_version(), "cuda": torch.version.cuda},
+              "settings": {k: v for k, v in vars(args).items() if k != "json"}, "train_images_per_epoch": n,
+              "data": json.loads((data / "dataset.json").read_text()).get("source"), "models": {}}
+    for name in args.models:
+        res = result["models"][name] = {}
+        cfg = dtl_config(args, name, data, out)
+        if "model" not in args.skip:
+            res["model_only"] = model_only(name, args.size, args.batch, args.steps, device)
+            torch.cuda.empty_cache() if device == "cuda" else None
+        if "loader" not in args.skip:
+            res["loader"] = loader_only(cfg, n - args.workers * args.batch)
+        if "dtl" not in args.skip:
+            res["dtl"] = run_dtl(cfg, out / f"dtl-{name}.log")
+        if "timm" not in args.skip:
+            res["timm"] = run_timm(args, name, out / "imagefolder", out, out / f"timm-{name}.log")
+        bound = res.get("model_only", {}).get("img_per_s")
+        for tool in ("dtl", "timm", "loader"):
+            if bound and res.get(tool, {}).get("img_per_s"):
+                res[tool]["of_model_only"] = res[tool]["img_per_s"] / bound
+        if res.get("dtl", {}).get("img_per_s") and res.get("timm", {}).get("img_per_s"):
+            res["dtl_over_timm"] = res["dtl"]["img_per_s"] / res["timm"]["img_per_s"]
+        print(name, json.dumps({k: ({kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()
+                                     if kk not in ("log_tail",)} if isinstance(v, dict) else round(v, 3))
+                                for k, v in res.items()}), flush=True)
+        if args.json:  # after every model: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
