@@ -10,6 +10,7 @@ split's images are re-encoded once as JPEG (quality 95), and its shards are list
 the same images, one file per sample. Rates:
   model-only   the training step on one batch already on the GPU (the bound)
   loader       dtl's loader alone: decode + augment + collate + pinned batches, no model
+  timm_loader  timm's loader alone (create_loader, as its train.py: persistent workers, prefetcher on a GPU)
   dtl          `dtl/train.py`, the img/s of its last epoch (the first pays for cuDNN autotuning)
   timm         timm's train.py (bench/third_party), the average rate of its last epoch's last log line
 Peak GPU memory: model-only from torch, dtl from its epoch record (sys/gpu_peak_mem_gb).
@@ -158,11 +159,34 @@ def loader_only(cfg_path: Path, min_images: int) -> dict:
     return {"img_per_s": rates[-1], "first_pass_img_per_s": rates[0]}
 
 
+def timm_loader_only(folder: Path, args) -> dict:
+    """timm's own training loader on the ImageFolder copy, as its train.py builds it (persistent
+    workers; on a GPU its prefetcher normalises there)."""
+    import timm.data
+
+    cuda = torch.cuda.is_available()
+    ds = timm.data.create_dataset("", root=str(folder), split="train", is_training=True, batch_size=args.batch)
+    loader = timm.data.create_loader(ds, input_size=(3, args.size, args.size), batch_size=args.batch, is_training=True,
+                                     use_prefetcher=cuda, hflip=0.5, color_jitter=0, num_workers=args.workers,
+                                     pin_memory=True, device=torch.device("cuda" if cuda else "cpu"))
+    rates = []
+    for _ in range(2):
+        n, t = 0, time.perf_counter()
+        for x, y in loader:
+            x.to("cuda" if cuda else "cpu", non_blocking=True)
+            n += len(y)
+        if cuda:
+            torch.cuda.synchronize()
+        rates.append(n / (time.perf_counter() - t))
+    return {"img_per_s": rates[-1], "first_pass_img_per_s": rates[0]}
+
+
 def dtl_config(args, name: str, data: Path, out: Path) -> Path:
     cfg = {"output_dir": str(out / f"dtl-{name}"), "epochs": args.epochs, "seed": 0,
            "mixed_precision": "bf16" if torch.cuda.is_available() else "no", "report": False, "resume": "never",
            "log_every_steps": 50,
            "data": {"root": str(data), "img_size": args.size, "batch_size": args.batch, "num_workers": args.workers,
+                    "normalize_on_device": not args.float_batches,
                     "val_split": None, "test_split": None, "augment": {"hflip": 0.5, "crop_scale": [0.08, 1.0]}},
            "model": {"backbone": name, "pretrained": False, "channels_last": True},
            "finetune": {"stages": [{"epoch": 0, "train": "all"}], "decay": 1.0},
@@ -232,7 +256,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--steps", type=int, default=30, help="timed model-only steps")
-    p.add_argument("--skip", nargs="*", default=[], choices=["model", "loader", "dtl", "timm"])
+    p.add_argument("--float-batches", action="store_true", help="dtl with data.normalize_on_device=false")
+    p.add_argument("--skip", nargs="*", default=[], choices=["model", "loader", "timm_loader", "dtl", "timm"])
     p.add_argument("--out", default="runs/bench-gpu-throughput")
     p.add_argument("--json")
     args = p.parse_args()
@@ -242,7 +267,7 @@ def main() -> None:
     data = out / "shards"
     as_jpeg_shards((REPO / args.data).resolve(), out / "jpeg")
     n = replicate(out / "jpeg", data, args.replicas)
-    if "timm" not in args.skip:
+    if "timm" not in args.skip or "timm_loader" not in args.skip:
         export_imagefolder(data, out / "imagefolder")
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -259,12 +284,14 @@ def main() -> None:
             torch.cuda.empty_cache() if device == "cuda" else None
         if "loader" not in args.skip:
             res["loader"] = loader_only(cfg, n - args.workers * args.batch)
+        if "timm_loader" not in args.skip:
+            res["timm_loader"] = timm_loader_only(out / "imagefolder", args)
         if "dtl" not in args.skip:
             res["dtl"] = run_dtl(cfg, out / f"dtl-{name}.log")
         if "timm" not in args.skip:
             res["timm"] = run_timm(args, name, out / "imagefolder", out, out / f"timm-{name}.log")
         bound = res.get("model_only", {}).get("img_per_s")
-        for tool in ("dtl", "timm", "loader"):
+        for tool in ("dtl", "timm", "loader", "timm_loader"):
             if bound and res.get(tool, {}).get("img_per_s"):
                 res[tool]["of_model_only"] = res[tool]["img_per_s"] / bound
         if res.get("dtl", {}).get("img_per_s") and res.get("timm", {}).get("img_per_s"):
