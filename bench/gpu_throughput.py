@@ -104,6 +104,7 @@ def model_only(name: str, size: int, batch: int, steps: int, device: str) -> dic
     from dtl.backbones import create_classifier
 
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True  # as both tools train
     model = create_classifier(name, 4).to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)

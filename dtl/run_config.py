@@ -119,6 +119,12 @@ class ModelConfig(_Strict):
                           "takes the channel count (e.g. 512 for VGG16)")
     channels_last: bool = Field(True, description="channels-last memory format for the model and its image batches "
                                                   "(timm's --channels-last: faster convolutions on CPU and GPU)")
+    compile: bool = Field(False, description="torch.compile the model in place (timm's --torchcompile): a stage "
+                                             "change recompiles the graphs whose trainable parameters changed; "
+                                             "checkpoints and exports keep their keys. Not under FSDP")
+    compile_backend: str = Field("inductor", description="torch.compile backend (inductor; aot_eager to debug)")
+    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(
+        None, description="torch.compile mode; unset: torch's default")
 
 
 class StageConfig(_Strict):

@@ -120,6 +120,9 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     if threads:
         accelerator.print(threads)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
+    # cuDNN picks the fastest convolution for each input shape once (timm's train.py does the same);
+    # deterministic runs keep the fixed algorithms
+    torch.backends.cudnn.benchmark = not cfg.deterministic
     resume_from, saved = _find_resume(accelerator, cfg, out)
     model, classes, plan, pre = _build_model(accelerator, cfg)
     state = _train_state(cfg, classes, plan, saved, resume_from)  # raises before anything is written
@@ -151,10 +154,13 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
         if cfg.tensorboard:
             watchers.append(TensorBoardFigures())
     events = Events([*watchers, *observers], accelerator.is_main_process)
+    ema = _build_ema(cfg, accelerator, model, strategy, resume_from)
+    if cfg.model.compile:  # after the EMA's copy: a copy of a compiled module would call the original
+        _compile(cfg, accelerator.unwrap_model(model), strategy)
     run = Run(cfg, out, accelerator, strategy, model, optimizer, scheduler, criterion, data, classes, plan, pre,
               state, events, PreemptionHandler(accelerator), steps_per_epoch,
               steps_per_epoch * cfg.optim.grad_accum_steps, resume_from, time.time(), state.wall_time_s,
-              _build_ema(cfg, accelerator, model, strategy, resume_from), mixup)
+              ema, mixup)
     run.features = build_cache(run)
     return run
 
@@ -169,6 +175,16 @@ def _loss(cfg: Config, data: Data, classes: list[str], accelerator: Accelerator)
     weights = (class_weights(data.train, len(classes), cfg.data.class_weight_power).to(accelerator.device)
                if cfg.data.class_weights else None)
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing), None
+
+
+def _compile(cfg: Config, bare: nn.Module, strategy: ParallelStrategy) -> None:
+    """torch.compile the bare module in place (`nn.Module.compile`): the DDP wrapper rebuilt at every
+    stage change wraps the same compiled module, parameter names stay as they are (no `_orig_mod.`),
+    and Dynamo's guards on `requires_grad` and train/eval mode recompile exactly the graphs a stage
+    change or an evaluation invalidates."""
+    if strategy.sharded:
+        raise ConfigError("model.compile is not supported under FSDP yet (compile per block, as torchtitan does)")
+    bare.compile(backend=cfg.model.compile_backend, mode=cfg.model.compile_mode)
 
 
 def _build_ema(cfg: Config, accelerator: Accelerator, model: nn.Module, strategy: ParallelStrategy,

@@ -172,3 +172,26 @@ def test_uint8_batches_normalised_on_the_device_train_as_float_batches_do(tmp_pa
               for o in (on_out, off_out)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
     assert on["test/acc"] == off["test/acc"] and on["test/loss"] == pytest.approx(off["test/loss"], rel=1e-2)
+
+
+def test_compiled_model_trains_through_stage_changes_like_eager(tmp_path, shard_dir):
+    """model.compile: torch.compile in place (inductor, real C++ codegen on the CPU). The stage change
+    (head only -> all groups) recompiles; the EMA copy is a separate, uncompiled module; exports keep
+    their keys; the run learns what the eager run learns."""
+    extra = {"finetune.stages": [{"epoch": 0, "train": 1}, {"epoch": 1, "train": "all"}], "epochs": 2,
+             "ema.enabled": True, "ema.decay": 0.9, "finetune.cache_frozen": False}
+    from torch._dynamo.utils import counters
+
+    eager, eager_out = _run(tmp_path / "eager", shard_dir, **extra)
+    assert counters["stats"]["unique_graphs"] == 0
+    compiled, out = _run(tmp_path / "compiled", shard_dir, **extra, **{"model.compile": True})
+    # frames compiled: train mode with the head trainable, then with every group, then eval mode
+    assert counters["stats"]["unique_graphs"] >= 3, dict(counters["stats"])
+    a, b = load_file(str(eager_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    losses = [[json.loads(x)["train/loss"] for x in (o / "metrics.jsonl").read_text().splitlines() if '"train/acc"' in x]
+              for o in (eager_out, out)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2)
+    assert compiled["test/acc"] == pytest.approx(eager["test/acc"], abs=0.05)
+    ema = load_file(str(list_checkpoints(out / "checkpoints")[-1] / "ema.safetensors"))
+    assert any(not torch.equal(ema[k], b[k]) for k in b if k in ema)  # the average, not the live weights
