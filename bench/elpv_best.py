@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-elpv-best")
     p.add_argument("--json")
     args = p.parse_args()
+    args.out, args.data = str(Path(args.out).resolve()), str(Path(args.data).resolve())
+    args.config = str(Path(args.config).resolve())
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows, pending = [], list(args.seeds)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a time limit: keep what the runs logged so far
@@ -116,7 +118,7 @@ def write(args, rows: list[dict]) -> None:
                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__,
                            "python": platform.python_version()},
-              "config": (REPO / args.config).read_text(), "overrides": args.set, "parallel": args.parallel,
+              "config": Path(args.config).read_text(), "overrides": args.set, "parallel": args.parallel,
               "data": json.loads((Path(args.data) / "dataset.json").read_text()).get("source"),
               "summary": summary, "runs": rows}
     if args.json:

@@ -160,16 +160,21 @@ def loader_only(cfg_path: Path, min_images: int) -> dict:
     return {"img_per_s": rates[-1], "first_pass_img_per_s": rates[0]}
 
 
-def timm_loader_only(folder: Path, args) -> dict:
-    """timm's own training loader on the ImageFolder copy, as its train.py builds it (persistent
-    workers; on a GPU its prefetcher normalises there)."""
+def timm_loader_only(name: str, folder: Path, args) -> dict:
+    """timm's own training loader on the ImageFolder copy, as its train.py builds it (the model's
+    data config: interpolation, mean, std; persistent workers; on a GPU its prefetcher normalises)."""
+    import timm
     import timm.data
 
     cuda = torch.cuda.is_available()
+    dc = timm.data.resolve_data_config({"input_size": (3, args.size, args.size)},
+                                       model=timm.create_model(name, pretrained=False, num_classes=4))
     ds = timm.data.create_dataset("", root=str(folder), split="train", is_training=True, batch_size=args.batch)
-    loader = timm.data.create_loader(ds, input_size=(3, args.size, args.size), batch_size=args.batch, is_training=True,
+    loader = timm.data.create_loader(ds, input_size=dc["input_size"], batch_size=args.batch, is_training=True,
                                      use_prefetcher=cuda, hflip=0.5, color_jitter=0, num_workers=args.workers,
-                                     pin_memory=True, device=torch.device("cuda" if cuda else "cpu"))
+                                     interpolation=dc["interpolation"], mean=dc["mean"], std=dc["std"],
+                                     crop_pct=dc["crop_pct"], pin_memory=True,
+                                     device=torch.device("cuda" if cuda else "cpu"))
     rates = []
     for _ in range(2):
         n, t = 0, time.perf_counter()
@@ -286,7 +291,7 @@ def main() -> None:
         if "loader" not in args.skip:
             res["loader"] = loader_only(cfg, n - args.workers * args.batch)
         if "timm_loader" not in args.skip:
-            res["timm_loader"] = timm_loader_only(out / "imagefolder", args)
+            res["timm_loader"] = timm_loader_only(name, out / "imagefolder", args)
         if "dtl" not in args.skip:
             res["dtl"] = run_dtl(cfg, out / f"dtl-{name}.log")
         if "timm" not in args.skip:

@@ -78,6 +78,7 @@ def cache_identity(run) -> str:
     if isinstance(weights, str) and os.path.isfile(weights):
         weights = f"{weights}:{os.path.getsize(weights)}:{os.path.getmtime(weights)}"
     ident = {"backbone": cfg.model.backbone, "weights": weights, "pre": run.pre, "augment": cfg.data.augment.model_dump(),
+             "uint8": cfg.data.normalize_on_device,
              "splits": src, "seed": cfg.seed, "views": cfg.finetune.probe.augmented_views, "label": cfg.data.label_field,
              "world": run.accelerator.num_processes, "format": 1}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]

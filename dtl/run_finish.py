@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -113,9 +113,15 @@ def select_best(run, epoch: int, candidates: dict[str, Optional[EvalResult | dic
 
 
 def memory_record(device: torch.device) -> dict:
-    """Peak host RSS of this process so far and, on a GPU, the epoch's peak allocated memory (rank 0's):
+    """Peak RSS of the training process so far (not its loader workers) and, on a GPU, the epoch's peak allocated memory (rank 0's):
     what a user sizing batch and stage plan needs per stage."""
-    record = {"sys/host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    record: dict = {}
+    try:
+        import resource  # not on Windows
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the trainer process, not its loader workers
+        record["sys/host_peak_rss_gb"] = peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes / KiB
+    except ImportError:
+        pass
     if device.type == "cuda":
         record["sys/gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return record

@@ -117,6 +117,8 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     start_worker_server(cfg.data.worker_start, cfg.data.num_workers)
     out = Path(cfg.output_dir)
     accelerator = create_accelerator(cfg, str(out), log_with=_trackers(cfg, out))
+    if cfg.model.compile and is_sharded(accelerator):  # before anything is written
+        raise ConfigError("model.compile is not supported under FSDP yet (compile per block, as torchtitan does)")
     if threads:
         accelerator.print(threads)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
@@ -156,7 +158,7 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     events = Events([*watchers, *observers], accelerator.is_main_process)
     ema = _build_ema(cfg, accelerator, model, strategy, resume_from)
     if cfg.model.compile:  # after the EMA's copy: a copy of a compiled module would call the original
-        _compile(cfg, accelerator.unwrap_model(model), strategy)
+        _compile(cfg, accelerator.unwrap_model(model), len(plan.stages))
     run = Run(cfg, out, accelerator, strategy, model, optimizer, scheduler, criterion, data, classes, plan, pre,
               state, events, PreemptionHandler(accelerator), steps_per_epoch,
               steps_per_epoch * cfg.optim.grad_accum_steps, resume_from, time.time(), state.wall_time_s,
@@ -177,13 +179,18 @@ def _loss(cfg: Config, data: Data, classes: list[str], accelerator: Accelerator)
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing), None
 
 
-def _compile(cfg: Config, bare: nn.Module, strategy: ParallelStrategy) -> None:
+def _compile(cfg: Config, bare: nn.Module, stages: int) -> None:
     """torch.compile the bare module in place (`nn.Module.compile`): the DDP wrapper rebuilt at every
     stage change wraps the same compiled module, parameter names stay as they are (no `_orig_mod.`),
     and Dynamo's guards on `requires_grad` and train/eval mode recompile exactly the graphs a stage
-    change or an evaluation invalidates."""
-    if strategy.sharded:
-        raise ConfigError("model.compile is not supported under FSDP yet (compile per block, as torchtitan does)")
+    change or an evaluation invalidates. Each stage adds graphs (training, a last short batch, and
+    evaluation), so Dynamo's limit of 8 per frame is raised with the stage count: past it, a gradual
+    unfreeze would silently run its last, most expensive stages uncompiled."""
+    import torch._dynamo
+
+    need = 8 + 4 * stages
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, need)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 8 * need)
     bare.compile(backend=cfg.model.compile_backend, mode=cfg.model.compile_mode)
 
 
