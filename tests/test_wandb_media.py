@@ -16,7 +16,7 @@ def _run_dir(out: Path) -> Path:
     Not the name: it holds the start second, which two quick processes can share or reorder.
     """
     run_id = (out / "wandb_run_id").read_text()
-    dirs = (out / "wandb").glob(f"offline-run-*-{run_id}")
+    dirs = (out / "wandb").glob(f"offline-run-*-{run_id}*")  # W&B adds "-1" when both started in one second
     return max(dirs, key=lambda d: max(h.get("_step", -1) for h in
                                        wandb_records.history(next(d.glob("run-*.wandb")))))
 
