@@ -46,6 +46,7 @@ def as_jpeg_shards(root: Path, out: Path) -> None:
     from PIL import Image
 
     from dtl.shard_stream import iter_tar_samples
+    from pack_for_device import add
 
     index = json.loads((root / "dataset.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -57,10 +58,8 @@ def as_jpeg_shards(root: Path, out: Path) -> None:
                 ext = next(k for k in s if k in ("png", "jpg", "jpeg", "webp"))
                 buf = io.BytesIO()
                 Image.open(io.BytesIO(s[ext])).save(buf, format="JPEG", quality=95)
-                for field, data in ((f"{s['__key__']}.jpg", buf.getvalue()), (f"{s['__key__']}.cls", s["cls"])):
-                    info = tarfile.TarInfo(field)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                add(tar, f"{s['__key__']}.jpg", buf.getvalue())
+                add(tar, f"{s['__key__']}.cls", s["cls"])
         (out / f"{shard['name']}.tmp").rename(out / shard["name"])
     (out / "dataset.json").write_text(json.dumps(index))
 

@@ -113,12 +113,12 @@ def select_best(run, epoch: int, candidates: dict[str, Optional[EvalResult | dic
 
 
 def memory_record(device: torch.device) -> dict:
-    """Peak RSS of the training process so far (not its loader workers) and, on a GPU, the epoch's peak allocated memory (rank 0's):
-    what a user sizing batch and stage plan needs per stage."""
+    """Peak RSS of the training process so far (not its loader workers) and, on a GPU, the epoch's
+    peak allocated memory (rank 0's): what a user sizing batch and stage plan needs per stage."""
     record: dict = {}
     try:
         import resource  # not on Windows
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the trainer process, not its loader workers
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         record["sys/host_peak_rss_gb"] = peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes / KiB
     except ImportError:
         pass
