@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def main() -> None:
         import timm
         import torch
         Path(args.json).write_text(json.dumps({
-            "command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "cpus": len(os.sched_getaffinity(0)), "gpu": None},
             "versions": {"torch": torch.__version__, "timm": timm.__version__}, "rows": rows, "summary": stats},
             indent=1))

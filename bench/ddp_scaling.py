@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -66,7 +67,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     one = statistics.median(x["img_per_s"] for x in rows if x["procs"] == 1)
     many = statistics.median(x["img_per_s"] for x in rows if x["procs"] == args.procs)
-    result = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    result = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "versions": {"torch": torch.__version__, "python": platform.python_version()},

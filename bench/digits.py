@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def main() -> None:
                      [f"data.root={data / 'shards'}", *args.set], args.full_lr)
     print(table(result["summary"]))
     if args.json:
-        result["command"] = "python " + " ".join(sys.argv)
+        result["command"] = "python " + shlex.join(sys.argv)
         Path(args.json).write_text(json.dumps(result, indent=1))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def main() -> None:
     unc = arms["uncached"]["epochs"]
     cac = arms["cached"]["epochs"][1:]  # after the fill
     ratio = {k: statistics.mean(e[k] for e in unc) / statistics.mean(e[k] for e in cac) for k in ("train_s", "epoch_s")}
-    result = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    result = {"command": "python " + shlex.join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(),
                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
               "versions": {"torch": torch.__version__, "timm": timm.__version__},

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -274,7 +275,7 @@ def main() -> None:
     n = replicate(out / "jpeg", data, args.replicas)
     if "timm" not in args.skip or "timm_loader" not in args.skip:
         export_imagefolder(data, out / "imagefolder")
-    result = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    result = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
               "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def main() -> None:
     result = compare(args.config, args.seeds, args.out, args.only, args.set, args.full_lr)
     print(table(result["summary"]))
     if args.json:
-        result["command"] = "python " + " ".join(sys.argv)
+        result["command"] = "python " + shlex.join(sys.argv)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -88,7 +89,7 @@ def main() -> None:
     if a.json:
         import torch
         Path(a.json).write_text(json.dumps({
-            "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": "python " + shlex.join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
             "setup": {"world": a.world, "workers": a.workers, "rank": a.world - 1},

@@ -7,9 +7,12 @@ Both tools get the quickstart split (dtl's shards; exported once as an ImageFold
 the same backbone and the same offline ImageNet tensors (timm through `--pretrained-path`, its head
 reset to 4 classes), the same resolution, batch size, epoch budget, optimizer (AdamW 1e-3, weight
 decay 0.01, cosine, label smoothing 0.1), flips and crop scale, `channels_last` and 2 data workers.
-dtl runs its quickstart config as a user would (its plan, probe candidate, discriminative rates);
+dtl runs its quickstart config as a user would (its plan: the probe, then every layer fine-tuned);
 timm runs a plain fine-tune of every layer, its usual recipe. The tools alternate (dtl, timm, dtl,
 timm, ...) so that a slow spell of the shared machine hits both.
+
+dtl's first point is its probe (`probe.safetensors`, "epoch 0"): a model it hands the user when the
+probe ends, so it counts for the time to reach timm's final accuracy as any epoch's weights do.
 
 Test accuracy per epoch: every epoch's weights (dtl keeps every checkpoint, timm every epoch's via
 `--checkpoint-hist`) are evaluated afterwards, outside the timed runs, by one function with one eval
@@ -25,6 +28,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -93,6 +97,10 @@ def run_dtl(args, out: Path, env: dict) -> dict:
     for r, ck in zip(epochs, ckpts[-len(epochs):]):
         per_epoch.append({"epoch": r["epoch"] + 1, "t_s": r["time"] - t0, "weights": str(ck / "model.safetensors"),
                           "img_per_s": r.get("train/img_per_s"), "val_acc": r.get("val/acc")})
+    probe = next((r for r in records if "probe/epochs" in r), None)
+    if probe is not None and (out / "probe.safetensors").is_file():  # the probe's model is usable when it ends
+        per_epoch.insert(0, {"epoch": 0, "t_s": probe["time"] - t0, "weights": str(out / "probe.safetensors"),
+                             "img_per_s": None, "val_acc": probe.get("val/acc"), "probe": True})
     summary = json.loads((out / "summary.json").read_text())
     return {"tool": "dtl", "command": " ".join(cmd), "wall_s": w.wall, "peak_rss_gb": w.peak_rss / 2**30,
             "epochs": per_epoch, "best_weights": str(out / "best.safetensors"),
@@ -204,17 +212,20 @@ def main() -> None:
     for dtl_run, timm_run in zip(runs[::2], runs[1::2]):
         target = timm_run["final_test_acc"]
         t_dtl, t_timm = time_to(dtl_run["epochs"], target), time_to(timm_run["epochs"], target)
+        t_tuned = time_to([e for e in dtl_run["epochs"] if not e.get("probe")], target)
         full = [e["img_per_s"] for e in dtl_run["epochs"] if e["img_per_s"]]
         rate_timm = [e["img_per_s"] for e in timm_run["epochs"] if e["img_per_s"]]
         pairs.append({"timm_final_test_acc": target, "dtl_time_to_timm_final_s": t_dtl,
                       "timm_time_to_own_final_s": t_timm, "timm_wall_s": timm_run["wall_s"],
                       "dtl_wall_s": dtl_run["wall_s"],
                       "time_to_accuracy_ratio": (t_dtl / timm_run["wall_s"]) if t_dtl is not None else None,
+                      "dtl_finetuned_time_to_timm_final_s": t_tuned,   # the probe's point left out
+                      "finetuned_time_to_accuracy_ratio": (t_tuned / timm_run["wall_s"]) if t_tuned else None,
                       "wall_ratio": dtl_run["wall_s"] / timm_run["wall_s"],
                       "img_per_s_ratio": (sorted(full)[len(full) // 2] / sorted(rate_timm)[len(rate_timm) // 2])
                       if full and rate_timm else None})
         print(json.dumps(pairs[-1]))
-    result = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    result = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__,

@@ -166,7 +166,7 @@ def run_probe(run) -> ProbeResult:
     """LP-FT's first stage: features once, a converged head, installed in the model; a best-model candidate."""
     import time
 
-    from dtl.run_finish import evaluate_split, select_best
+    from dtl.run_finish import evaluate_split, export, select_best
 
     if run.strategy.sharded:
         raise DtlError("finetune.probe is not supported under FSDP yet; set finetune.probe.enabled=false")
@@ -183,6 +183,7 @@ def run_probe(run) -> ProbeResult:
     if checked is not None:
         val = checked.metrics
         select_best(run, -1, {"model": val})
+    export(run, "probe.safetensors")  # the feature-extractor answer, usable at once whatever is selected later
     if fresh is not None:  # the probe stays a best-model candidate; fine-tuning starts from the fresh head
         install_head(run, fresh)
     result = ProbeResult(epochs, best_epoch, val, len(y), t1 - t0, t2 - t1)

@@ -184,3 +184,5 @@ def test_probe_without_install_is_a_candidate_only(tmp_path, shard_dir):
     w = "classifier.weight"
     assert not torch.equal(best[w], final[w])
     assert final[w].abs().max() < 0.05 < best[w].abs().max()   # the fresh head starts near zero (std 0.01)
+    probe = load_file(str(tmp_path / "run" / "probe.safetensors"))  # the probe's model, kept whatever is selected
+    assert probe.keys() == best.keys() and all(torch.equal(probe[k], best[k]) for k in probe)
