@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from imagefolder_export import export_imagefolder
 
 REPO = Path(__file__).resolve().parent.parent
 TIMM_TRAIN = REPO / "bench" / "third_party" / "timm_train.py"
@@ -81,22 +82,6 @@ def replicate(root: Path, out: Path, times: int) -> int:
     (out / "dataset.json").write_text(json.dumps({**index, "splits": {"train": {
         "shards": shards, "count": count, "class_counts": [c * times for c in train["class_counts"]]}}}))
     return count
-
-
-def export_imagefolder(root: Path, out: Path) -> None:
-    """Every training sample of the (replicated) shards as out/train/INDEX_CLASS/SHARD_KEY.EXT."""
-    from dtl.shard_stream import iter_tar_samples
-
-    if (out / ".complete").exists():
-        return
-    index = json.loads((root / "dataset.json").read_text())
-    for shard in index["splits"]["train"]["shards"]:
-        for s in iter_tar_samples(str(root / shard["name"])):
-            ext = next(k for k in s if k in ("png", "jpg", "jpeg", "webp"))
-            dst = out / "train" / f"{int(s['cls'])}_c" / f"{Path(shard['name']).stem}_{s['__key__']}.{ext}"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(s[ext])
-    (out / ".complete").write_text("")
 
 
 def model_only(name: str, size: int, batch: int, steps: int, device: str) -> dict:
@@ -274,7 +259,7 @@ def main() -> None:
     as_jpeg_shards((REPO / args.data).resolve(), out / "jpeg")
     n = replicate(out / "jpeg", data, args.replicas)
     if "timm" not in args.skip or "timm_loader" not in args.skip:
-        export_imagefolder(data, out / "imagefolder")
+        export_imagefolder(data, out / "imagefolder", ["train"])
     result = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},

@@ -1,12 +1,13 @@
 """dtl against timm's train.py, side by side on one machine: wall time, img/s, test accuracy per
 epoch and time to reach timm's final test accuracy.
 
-    python bench/vs_timm.py --epochs 10 --repeats 1 --json bench/results/vs_timm_elpv_cpu.json
+    python bench/vs_timm.py --epochs 10 --repeats 2 --json bench/results/vs_timm_elpv_cpu_10ep.json
 
 Both tools get the quickstart split (dtl's shards; exported once as an ImageFolder tree for timm),
 the same backbone and the same offline ImageNet tensors (timm through `--pretrained-path`, its head
-reset to 4 classes), the same resolution, batch size, epoch budget, optimizer (AdamW 1e-3, weight
-decay 0.01, cosine, label smoothing 0.1), flips and crop scale, `channels_last` and 2 data workers.
+reset to 4 classes), the same resolution, batch size, epoch budget, optimizer (AdamW, cosine, the
+config's rate, weight decay and label smoothing), flips, crop scale and ratio, `channels_last` and
+data workers: timm's arguments are read from dtl's config (with `--dtl-set` applied).
 dtl runs its quickstart config as a user would (its plan: the probe, then every layer fine-tuned);
 timm runs a plain fine-tune of every layer, its usual recipe. The tools alternate (dtl, timm, dtl,
 timm, ...) so that a slow spell of the shared machine hits both.
@@ -35,36 +36,12 @@ from pathlib import Path
 
 import torch
 
+from imagefolder_export import export_imagefolder
 from process_watch import ProcessWatch
 
 REPO = Path(__file__).resolve().parent.parent
 TIMM_TRAIN = REPO / "bench" / "third_party" / "timm_train.py"
 sys.path.insert(0, str(REPO))
-
-
-def export_imagefolder(root: Path, out: Path) -> dict:
-    """Every sample of the shards as out/SPLIT/INDEX_CLASS/KEY.EXT (the image bytes unchanged)."""
-    from dtl.shard_stream import iter_tar_samples, read_index
-
-    index = read_index(str(root))
-    classes = index["classes"]
-    done = out / ".complete"
-    counts: dict = {}
-    if done.exists():
-        return json.loads(done.read_text())
-    for split, info in index["splits"].items():
-        n = 0
-        for shard in info["shards"]:
-            for s in iter_tar_samples(str(root / shard["name"])):
-                ext = next(k for k in s if k in ("png", "jpg", "jpeg", "webp"))
-                label = int(s["cls"])  # folder "0_name": ImageFolder's sorted order is dtl's class order
-                dst = out / split / f"{label}_{classes[label]}" / f"{s['__key__']}.{ext}"
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes(s[ext])
-                n += 1
-        counts[split] = n
-    done.write_text(json.dumps(counts))
-    return counts
 
 
 def timm_weights(backbone: str, out: Path) -> Path:
@@ -107,17 +84,32 @@ def run_dtl(args, out: Path, env: dict) -> dict:
             "final_weights": str(out / "model.safetensors"), "summary_test_acc": summary.get("test/acc")}
 
 
+def dtl_config(args):
+    """dtl's run config with the bench's overrides: the source of timm's matching arguments."""
+    from dtl.run_config import load_config
+
+    cfg = load_config(REPO / args.config, [f"data.root={args.data}", *args.dtl_set])
+    if cfg.data.img_size != args.img_size or cfg.model.backbone != args.backbone:
+        raise SystemExit(f"--img-size/--backbone ({args.img_size}, {args.backbone}) differ from {args.config}'s "
+                         f"({cfg.data.img_size}, {cfg.model.backbone})")
+    return cfg
+
+
 def run_timm(args, out: Path, folder: Path, weights: Path, env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    cfg = dtl_config(args)  # the same settings as dtl's run, read from its config
+    aug = cfg.data.augment
     cmd = [sys.executable, str(TIMM_TRAIN), "--data-dir", str(folder), "--train-split", "train", "--val-split", "val",
            "--model", args.backbone, "--pretrained", "--pretrained-path", str(weights), "--num-classes", "4",
-           "--img-size", str(args.img_size), "--crop-pct", "1.0", "--mean", "0.5", "0.5", "0.5",
-           "--std", "0.5", "0.5", "0.5", "--interpolation", "bicubic", "--batch-size", "32",
-           "--validation-batch-size", "32", "--epochs", str(args.epochs), "--opt", "adamw", "--lr", "1e-3",
-           "--weight-decay", "0.01", "--sched", "cosine", "--sched-on-updates", "--warmup-epochs", "1",
-           "--warmup-lr", "1e-5", "--min-lr", "0", "--smoothing", "0.1", "--hflip", "0.5", "--vflip", "0.5",
-           "--scale", "0.7", "1.0", "--color-jitter", "0", "--workers", "2", "--channels-last",
+           "--img-size", str(args.img_size), "--crop-pct", str(cfg.data.crop_pct), "--mean", "0.5", "0.5", "0.5",
+           "--std", "0.5", "0.5", "0.5", "--interpolation", "bicubic", "--batch-size", str(cfg.data.batch_size),
+           "--validation-batch-size", str(cfg.data.batch_size), "--epochs", str(args.epochs), "--opt", "adamw",
+           "--lr", str(cfg.optim.lr), "--weight-decay", str(cfg.optim.weight_decay), "--sched", "cosine",
+           "--sched-on-updates", "--warmup-epochs", "1", "--warmup-lr", "1e-5", "--min-lr", "0",
+           "--smoothing", str(cfg.optim.label_smoothing), "--hflip", str(aug.hflip), "--vflip", str(aug.vflip),
+           "--scale", *map(str, aug.crop_scale), "--ratio", *map(str, aug.crop_ratio), "--color-jitter", "0",
+           "--workers", str(cfg.data.num_workers), "--channels-last",
            "--checkpoint-hist", str(args.epochs + 1), "--log-interval", "10", "--seed", str(args.seed),
            "--output", str(out), "--experiment", "run", "--device", "cuda" if torch.cuda.is_available() else "cpu"]
     w = ProcessWatch(cmd, out.parent / f"{out.name}.log", env, REPO)
