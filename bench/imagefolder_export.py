@@ -17,13 +17,19 @@ def export_imagefolder(root: Path, out: Path, splits: Optional[Iterable[str]] = 
     finished tree is marked `.complete` and reused; returns the samples per split."""
     from dtl.shard_stream import iter_tar_samples
 
+    index = json.loads((root / "dataset.json").read_text())
+    wanted = list(splits or index["splits"])
     done = out / ".complete"
     if done.exists():
-        return json.loads(done.read_text())
-    index = json.loads((root / "dataset.json").read_text())
+        try:
+            marked = json.loads(done.read_text())
+            if isinstance(marked, dict) and set(wanted) <= set(marked):
+                return marked
+        except ValueError:
+            pass  # an older, empty marker: export again
     classes = index.get("classes") or []
     counts: dict[str, int] = {}
-    for split in splits or index["splits"]:
+    for split in wanted:
         n = 0
         for shard in index["splits"][split]["shards"]:
             for s in iter_tar_samples(str(root / shard["name"])):

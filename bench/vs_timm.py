@@ -79,7 +79,7 @@ def run_dtl(args, out: Path, env: dict) -> dict:
         per_epoch.insert(0, {"epoch": 0, "t_s": probe["time"] - t0, "weights": str(out / "probe.safetensors"),
                              "img_per_s": None, "val_acc": probe.get("val/acc"), "probe": True})
     summary = json.loads((out / "summary.json").read_text())
-    return {"tool": "dtl", "command": " ".join(cmd), "wall_s": w.wall, "peak_rss_gb": w.peak_rss / 2**30,
+    return {"tool": "dtl", "command": shlex.join(cmd), "wall_s": w.wall, "peak_rss_gb": w.peak_rss / 2**30,
             "epochs": per_epoch, "best_weights": str(out / "best.safetensors"),
             "final_weights": str(out / "model.safetensors"), "summary_test_acc": summary.get("test/acc")}
 
@@ -95,21 +95,36 @@ def dtl_config(args):
     return cfg
 
 
+def timm_args(cfg) -> list[str]:
+    """timm train.py's flags for the settings of dtl's config: the same recipe in both tools. timm's
+    warmup counts whole epochs (1 here; dtl's config may say 0.5)."""
+    d, aug, o = cfg.data, cfg.data.augment, cfg.optim
+    flags = ["--batch-size", str(d.batch_size), "--validation-batch-size", str(d.batch_size),
+             "--workers", str(d.num_workers), "--train-interpolation", "bicubic",
+             "--opt", o.name, "--momentum", str(o.momentum), "--lr", str(o.lr), "--weight-decay", str(o.weight_decay), "--sched", o.schedule,
+             "--min-lr", str(o.lr * o.min_lr_ratio), "--smoothing", str(o.label_smoothing),
+             "--grad-accum-steps", str(o.grad_accum_steps),
+             "--hflip", str(aug.hflip), "--vflip", str(aug.vflip), "--scale", *map(str, aug.crop_scale),
+             "--ratio", *map(str, aug.crop_ratio), "--color-jitter", str(aug.color_jitter or 0),
+             "--reprob", str(aug.random_erasing), "--mixup", str(aug.mixup), "--cutmix", str(aug.cutmix),
+             "--mixup-prob", str(aug.mix_prob)]
+    if d.crop_pct is not None:
+        flags += ["--crop-pct", str(d.crop_pct)]
+    if aug.auto_augment:
+        flags += ["--aa", aug.auto_augment]
+    if o.clip_grad_norm:
+        flags += ["--clip-grad", str(o.clip_grad_norm)]
+    return flags
+
+
 def run_timm(args, out: Path, folder: Path, weights: Path, env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cfg = dtl_config(args)  # the same settings as dtl's run, read from its config
-    aug = cfg.data.augment
     cmd = [sys.executable, str(TIMM_TRAIN), "--data-dir", str(folder), "--train-split", "train", "--val-split", "val",
            "--model", args.backbone, "--pretrained", "--pretrained-path", str(weights), "--num-classes", "4",
-           "--img-size", str(args.img_size), "--crop-pct", str(cfg.data.crop_pct), "--mean", "0.5", "0.5", "0.5",
-           "--std", "0.5", "0.5", "0.5", "--interpolation", "bicubic", "--batch-size", str(cfg.data.batch_size),
-           "--validation-batch-size", str(cfg.data.batch_size), "--epochs", str(args.epochs), "--opt", "adamw",
-           "--lr", str(cfg.optim.lr), "--weight-decay", str(cfg.optim.weight_decay), "--sched", "cosine",
-           "--sched-on-updates", "--warmup-epochs", "1", "--warmup-lr", "1e-5", "--min-lr", "0",
-           "--smoothing", str(cfg.optim.label_smoothing), "--hflip", str(aug.hflip), "--vflip", str(aug.vflip),
-           "--scale", *map(str, aug.crop_scale), "--ratio", *map(str, aug.crop_ratio), "--color-jitter", "0",
-           "--workers", str(cfg.data.num_workers), "--channels-last",
+           "--img-size", str(args.img_size), "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5",
+           "--interpolation", "bicubic", "--epochs", str(args.epochs), "--sched-on-updates", "--warmup-epochs", "1",
+           "--warmup-lr", "1e-5", *timm_args(args.cfg), "--channels-last",
            "--checkpoint-hist", str(args.epochs + 1), "--log-interval", "10", "--seed", str(args.seed),
            "--output", str(out), "--experiment", "run", "--device", "cuda" if torch.cuda.is_available() else "cpu"]
     w = ProcessWatch(cmd, out.parent / f"{out.name}.log", env, REPO)
@@ -126,7 +141,7 @@ def run_timm(args, out: Path, folder: Path, weights: Path, env: dict) -> dict:
             rates[int(m.group(1))] = float(m.group(2))  # the last line of an epoch: its average rate
     per_epoch = [{"epoch": e + 1, "t_s": ends[e], "weights": str(run / f"checkpoint-{e}.pth.tar"),
                   "img_per_s": rates.get(e)} for e in sorted(ends)]
-    return {"tool": "timm", "command": " ".join(cmd), "wall_s": w.wall, "peak_rss_gb": w.peak_rss / 2**30,
+    return {"tool": "timm", "command": shlex.join(cmd), "wall_s": w.wall, "peak_rss_gb": w.peak_rss / 2**30,
             "epochs": per_epoch, "best_weights": str(run / "model_best.pth.tar"),
             "final_weights": str(run / "last.pth.tar")}
 
@@ -179,6 +194,9 @@ def main() -> None:
     p.add_argument("--dtl-set", nargs="*", default=[], help="extra dtl overrides")
     p.add_argument("--json")
     args = p.parse_args()
+    args.cfg = dtl_config(args)  # checked before any run; timm's flags come from it
+    if args.cfg.optim.schedule != "cosine":
+        raise SystemExit(f"{args.config}: optim.schedule={args.cfg.optim.schedule}; this bench maps cosine only")
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "imagefolder"
@@ -212,7 +230,7 @@ def main() -> None:
                       "dtl_wall_s": dtl_run["wall_s"],
                       "time_to_accuracy_ratio": (t_dtl / timm_run["wall_s"]) if t_dtl is not None else None,
                       "dtl_finetuned_time_to_timm_final_s": t_tuned,   # the probe's point left out
-                      "finetuned_time_to_accuracy_ratio": (t_tuned / timm_run["wall_s"]) if t_tuned else None,
+                      "finetuned_time_to_accuracy_ratio": (t_tuned / timm_run["wall_s"]) if t_tuned is not None else None,
                       "wall_ratio": dtl_run["wall_s"] / timm_run["wall_s"],
                       "img_per_s_ratio": (sorted(full)[len(full) // 2] / sorted(rate_timm)[len(rate_timm) // 2])
                       if full and rate_timm else None})

@@ -213,7 +213,7 @@ def _add_use_commands(sub) -> None:
                        description="Metrics, confusion matrix and the report (confusion.png, per_class.csv, "
                                    "top_losses.png) of an exported model on any shard split; also under "
                                    "accelerate launch, each process evaluating its share.")
-    e.add_argument("weights", help="model.safetensors or best.safetensors written by a dtl run")
+    e.add_argument("weights", help="model.safetensors, best.safetensors or probe.safetensors written by a dtl run")
     e.add_argument("--data", required=True, help="folder or URL prefix holding dataset.json and the shards")
     e.add_argument("--split", default="test", help="split of dataset.json to evaluate")
     e.add_argument("--tta", choices=["none", "hflip", "flips"], default="none", help="test-time augmentation")
@@ -225,7 +225,7 @@ def _add_use_commands(sub) -> None:
                        description="Classify images with an exported model (no training config needed); one JSON "
                                    "line per image. An unreadable image gets an 'error' line, the rest are still "
                                    "classified, and the exit code is 2.", epilog=EPILOG)
-    r.add_argument("weights", help="model.safetensors or best.safetensors written by a dtl run")
+    r.add_argument("weights", help="model.safetensors, best.safetensors or probe.safetensors written by a dtl run")
     r.add_argument("images", nargs="+", help="image files, folders (searched recursively) or globs")
     r.add_argument("--top-k", type=int, default=1, help="how many classes to list per image, most probable first")
     r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")

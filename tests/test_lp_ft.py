@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from dtl.checkpoints import read_export_meta
 from dtl.run_config import Config
 from dtl.train import train
 
@@ -37,12 +38,19 @@ def test_probe_head_is_the_same_when_resumed(tmp_path, shard_dir):
     full = train(cfg)
     cfg2 = _probe_config(tmp_path / "b", shard_dir, stop_after_steps=3)
     assert train(cfg2).stopped
+    probe_file = tmp_path / "b" / "run" / "probe.safetensors"
+    written = probe_file.stat().st_mtime_ns
     cfg2.stop_after_steps = None
     resumed = train(cfg2)
     assert resumed.summary["steps"] == full.summary["steps"]
     a = load_file(str(tmp_path / "a" / "run" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the probe's model: written once by the interrupted process, kept by the resumed one, equal to the uninterrupted run's
+    assert probe_file.stat().st_mtime_ns == written
+    pa, pb = (load_file(str(tmp_path / r / "run" / "probe.safetensors")) for r in ("a", "b"))
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert read_export_meta(str(probe_file))["backbone"] == cfg2.model.backbone
 
 
 def test_monitor_min_loss_picks_the_lowest_validation_loss(tmp_path, shard_dir):
