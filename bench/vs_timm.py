@@ -92,6 +92,8 @@ def dtl_config(args):
     if cfg.data.img_size != args.img_size or cfg.model.backbone != args.backbone:
         raise SystemExit(f"--img-size/--backbone ({args.img_size}, {args.backbone}) differ from {args.config}'s "
                          f"({cfg.data.img_size}, {cfg.model.backbone})")
+    if cfg.optim.schedule != "cosine":
+        raise SystemExit(f"{args.config}: optim.schedule={cfg.optim.schedule}; this bench maps cosine only")
     return cfg
 
 
@@ -101,7 +103,8 @@ def timm_args(cfg) -> list[str]:
     d, aug, o = cfg.data, cfg.data.augment, cfg.optim
     flags = ["--batch-size", str(d.batch_size), "--validation-batch-size", str(d.batch_size),
              "--workers", str(d.num_workers), "--train-interpolation", "bicubic",
-             "--opt", o.name, "--momentum", str(o.momentum), "--lr", str(o.lr), "--weight-decay", str(o.weight_decay), "--sched", o.schedule,
+             "--opt", o.name, "--momentum", str(o.momentum), "--lr", str(o.lr),
+             "--weight-decay", str(o.weight_decay), "--sched", o.schedule,
              "--min-lr", str(o.lr * o.min_lr_ratio), "--smoothing", str(o.label_smoothing),
              "--grad-accum-steps", str(o.grad_accum_steps),
              "--hflip", str(aug.hflip), "--vflip", str(aug.vflip), "--scale", *map(str, aug.crop_scale),
@@ -195,8 +198,6 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     args.cfg = dtl_config(args)  # checked before any run; timm's flags come from it
-    if args.cfg.optim.schedule != "cosine":
-        raise SystemExit(f"{args.config}: optim.schedule={args.cfg.optim.schedule}; this bench maps cosine only")
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "imagefolder"
@@ -230,7 +231,8 @@ def main() -> None:
                       "dtl_wall_s": dtl_run["wall_s"],
                       "time_to_accuracy_ratio": (t_dtl / timm_run["wall_s"]) if t_dtl is not None else None,
                       "dtl_finetuned_time_to_timm_final_s": t_tuned,   # the probe's point left out
-                      "finetuned_time_to_accuracy_ratio": (t_tuned / timm_run["wall_s"]) if t_tuned is not None else None,
+                      "finetuned_time_to_accuracy_ratio":
+                          (t_tuned / timm_run["wall_s"]) if t_tuned is not None else None,
                       "wall_ratio": dtl_run["wall_s"] / timm_run["wall_s"],
                       "img_per_s_ratio": (sorted(full)[len(full) // 2] / sorted(rate_timm)[len(rate_timm) // 2])
                       if full and rate_timm else None})
