@@ -28,6 +28,7 @@ import math
 import multiprocessing
 import multiprocessing.context
 import random
+import signal
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -367,12 +368,25 @@ def start_worker_server(method: str, num_workers: int) -> None:
         forkserver.ensure_running()
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave the stop signals to the training process.
+
+    Slurm (scancel, time limit, preemption) and `timeout` signal every process of the job; a
+    worker killed by SIGTERM takes its loader down ("DataLoader worker exited unexpectedly") in
+    the middle of the step or validation the trainer is finishing before its checkpoint. Workers
+    still end with their loader, and with the trainer if it dies (PyTorch's worker watchdog).
+    """
+    for name in ("SIGTERM", "SIGUSR1"):  # no SIGUSR1 on Windows
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def make_loader(stream: ShardStream, batch_size: int, num_workers: int,
                 start_method: str = "forkserver") -> DataLoader:
     """A DataLoader over the stream; training drops each worker's last partial batch."""
     return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                       drop_last=stream.opt.train, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False,
+                      persistent_workers=False, worker_init_fn=_ignore_stop_signals if num_workers else None,
                       multiprocessing_context=_worker_context(start_method) if num_workers else None)
 
 

@@ -1,7 +1,10 @@
 """Checkpoints survive `kill -9` at any moment: only complete ones are ever resumed from."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,3 +85,91 @@ def test_recovery_keeps_a_complete_checkpoint_that_was_being_replaced(tmp_path):
     assert [p.name for p in list_checkpoints(root)] == ["ckpt-00000004", "ckpt-00000006"]
     assert latest_checkpoint(root).name == "ckpt-00000006"
     assert sorted(os.listdir(root)) == ["ckpt-00000004", "ckpt-00000006"]
+
+
+@pytest.fixture(scope="module")
+def val_heavy_shards(tmp_path_factory) -> Path:
+    """Half the images in validation: a validation pass long enough to be signalled in."""
+    from conftest import write_imagefolder
+    from dtl.shard_writer import write_imagefolder as convert
+
+    root = tmp_path_factory.mktemp("val_heavy")
+    write_imagefolder(root / "img", per_class=40, size=64)
+    convert(root / "img", root / "shards", val_fraction=0.5, test_fraction=0.1, seed=0, maxcount=8)
+    return root / "shards"
+
+
+def _signal_group_when(cmd: list[str], metrics: Path, ready, env: dict) -> tuple[int, str]:
+    """Run `cmd` in its own process group and SIGTERM the whole group (what `timeout`, scancel and a
+    Slurm time limit do: the DataLoader workers get it too) once `ready(records)` holds."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            if ready([json.loads(line) for line in lines if line.endswith("}")]):
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+            time.sleep(0.002)
+        else:
+            raise AssertionError(f"the run never got to the signal (exit {proc.poll()})")
+        out, _ = proc.communicate(timeout=120)
+        return proc.returncode, out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def val_heavy_run(tmp_path_factory, val_heavy_shards) -> tuple[Path, Path, int]:
+    """The config (every layer trained, two loader workers), its uninterrupted run and its steps per epoch."""
+    root = tmp_path_factory.mktemp("val_heavy_run")
+    cfg = tiny_config(root, val_heavy_shards, epochs=3,
+                      **{"data.num_workers": 2, "data.img_size": 96, "data.batch_size": 4,
+                         "finetune.stages": [{"epoch": 0, "train": "all"}]})
+    config = write_config(root / "run.yaml", cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    subprocess.run(_command(config, root / "uninterrupted"), env=env, check=True, capture_output=True, timeout=300)
+    records = [json.loads(line) for line in (root / "uninterrupted" / "metrics.jsonl").read_text().splitlines()]
+    steps_per_epoch = next(r["step"] for r in records if "epoch_time_s" in r)
+    return config, root / "uninterrupted", steps_per_epoch
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("phase", ["training", "validation"])
+def test_sigterm_to_the_process_group_stops_cleanly_with_loader_workers(tmp_path, val_heavy_run, phase):
+    """The workers ignore the signal; the trainer finishes the step (or the validation pass),
+    checkpoints and exits 0, and the same command continues to the uninterrupted run's weights."""
+    config, base, per_epoch = val_heavy_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    out = tmp_path / "run"
+
+    def in_training(records: list[dict]) -> bool:  # a step of the second epoch
+        return any(r.get("epoch") == 1 and "train/loss_step" in r for r in records)
+
+    def in_validation(records: list[dict]) -> bool:  # the first epoch's last step is logged, its validation not
+        return bool(records) and records[-1].get("step") == per_epoch and "train/loss_step" in records[-1]
+
+    for attempt in range(5):  # the poll may lose the race with a short phase; then try a new run
+        shutil.rmtree(out, ignore_errors=True)
+        rc, text = _signal_group_when(_command(config, out), out / "metrics.jsonl",
+                                      in_training if phase == "training" else in_validation, env)
+        stopped = re.search(r"stopped at epoch (\d+), batch (\d+), step (\d+): checkpoint written", text)
+        assert rc == 0, text[-3000:]
+        assert "received SIGTERM" in text and stopped, text[-3000:]
+        assert "Traceback" not in text and "exited unexpectedly" not in text, text[-3000:]
+        if stopped.group(1) == "1" and (stopped.group(2) == "0") == (phase == "validation"):
+            break
+    else:
+        pytest.fail(f"never signalled a run during its {phase}: {stopped.group(0)}")
+    ckpts = list_checkpoints(out / "checkpoints")
+    assert ckpts and int(ckpts[-1].name[-8:]) == int(stopped.group(3))
+
+    r = subprocess.run(_command(config, out), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {ckpts[-1]}" in r.stdout + r.stderr
+    final, expected = load_file(str(out / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    for k in expected:
+        assert torch.equal(final[k], expected[k]), k
