@@ -94,6 +94,9 @@ def dtl_config(args):
                          f"({cfg.data.img_size}, {cfg.model.backbone})")
     if cfg.optim.schedule != "cosine":
         raise SystemExit(f"{args.config}: optim.schedule={cfg.optim.schedule}; this bench maps cosine only")
+    if cfg.data.augment.rot90 or cfg.eval.tta == "dihedral":
+        raise SystemExit(f"{args.config}: timm's train.py has no quarter turns (augment.rot90, tta dihedral); "
+                         f"--dtl-set data.augment.rot90=0 eval.tta=flips compares the rest")
     return cfg
 
 

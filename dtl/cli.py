@@ -216,7 +216,7 @@ def _add_use_commands(sub) -> None:
     e.add_argument("weights", help="model.safetensors, best.safetensors or probe.safetensors written by a dtl run")
     e.add_argument("--data", required=True, help="folder or URL prefix holding dataset.json and the shards")
     e.add_argument("--split", default="test", help="split of dataset.json to evaluate")
-    e.add_argument("--tta", choices=["none", "hflip", "flips"], default="none", help="test-time augmentation")
+    e.add_argument("--tta", choices=["none", "hflip", "flips", "dihedral"], default="none", help="test-time augmentation")
     e.add_argument("--out", help="folder for eval.json and report/ (default: next to the weights, eval-SPLIT)")
     e.add_argument("--batch-size", type=int, default=64, help="per process")
     e.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
@@ -230,7 +230,7 @@ def _add_use_commands(sub) -> None:
     r.add_argument("--top-k", type=int, default=1, help="how many classes to list per image, most probable first")
     r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
-    r.add_argument("--tta", choices=["none", "hflip", "flips"], default="none", help="test-time augmentation")
+    r.add_argument("--tta", choices=["none", "hflip", "flips", "dihedral"], default="none", help="test-time augmentation")
     r.add_argument("--csv", help="write image, class, prob, error rows here instead of JSON lines")
 
 

@@ -70,7 +70,25 @@ def build_transform(pre: dict, train: bool, aug: AugmentConfig, uint8: bool = Fa
                                          scale=(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else None,
                                          shear=aug.shear or None, interpolation=transforms.InterpolationMode.BILINEAR)
         tf.transforms.insert(0, affine)
+    if aug.rot90:  # before the crop: the crop's aspect ratio stays the sampled one
+        tf.transforms.insert(0, RandomQuarterTurn(aug.rot90))
     return tf
+
+
+class RandomQuarterTurn:
+    """Turn a PIL image by 90 degrees with probability p (either way: the flips around it make
+    the direction immaterial). A class, not a lambda: workers started by forkserver unpickle it."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img):
+        from PIL import Image
+
+        return img.transpose(Image.Transpose.ROTATE_90) if torch.rand(1).item() < self.p else img
+
+    def __repr__(self) -> str:
+        return f"RandomQuarterTurn(p={self.p})"
 
 
 class DeviceNormalize:

@@ -58,11 +58,15 @@ def as_input(x: torch.Tensor, device: torch.device, channels_last: bool,
 
 
 def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
-    """The batch and its flips that test-time augmentation averages over."""
+    """The batch and its flips (and quarter turns) that test-time augmentation averages over."""
     if tta == "none":
         return [x]
     views = [x, x.flip(3)]
-    return views + [x.flip(2), x.flip(2).flip(3)] if tta == "flips" else views
+    if tta in ("flips", "dihedral"):
+        views += [x.flip(2), x.flip(2).flip(3)]
+    if tta == "dihedral":  # the transposes: a quarter turn of each of the four above
+        views += [v.transpose(2, 3) for v in views]
+    return views
 
 
 def predict_logits(net: torch.nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:

@@ -29,6 +29,9 @@ class _Strict(BaseModel):
 class AugmentConfig(_Strict):
     hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
     vflip: float = Field(0.0, ge=0, le=1, description="probability of a vertical flip")
+    rot90: float = Field(0.0, ge=0, le=1, description="probability of a quarter turn; with hflip and vflip at 0.5 "
+                                                      "each of the square's 8 symmetries is equally likely "
+                                                      "(fastai's dihedral: cells, slides, aerial views)")
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range")
     crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect-ratio range")
     color_jitter: Optional[float] = Field(None, description="colour jitter strength (timm), off when unset")
@@ -248,11 +251,12 @@ class CheckpointConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    tta: Literal["none", "hflip", "flips"] = Field(
+    tta: Literal["none", "hflip", "flips", "dihedral"] = Field(
         "none", description="test-time augmentation of the test evaluation: average the softmax over the image "
-                            "and its horizontal flip (hflip), or also its vertical flips (flips)")
+                            "and its horizontal flip (hflip), also its vertical flips (flips), or all 8 flips and "
+                            "quarter turns (dihedral: for data trained with augment.rot90)")
     tta_val: bool = Field(False, description="also in every validation, so best.safetensors is picked by TTA "
-                                             "metrics (costs 2x (hflip) or 4x (flips) validation time)")
+                                             "metrics (costs 2x (hflip), 4x (flips) or 8x (dihedral) validation time)")
 
 
 class Config(_Strict):

@@ -83,6 +83,11 @@ def test_tta_flips_on_the_test_and_validation_only_when_asked(tmp_path, shard_di
     assert r.returncode == 0, r.stderr
     ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert ev["acc"] == s["test/acc"] and ev["samples"] == 15  # the run's test is the TTA test
+    r = subprocess.run([sys.executable, "-m", "dtl.cli", "eval", str(tmp_path / "b" / "run" / "best.safetensors"),
+                        "--data", str(shard_dir), "--tta", "dihedral", "--out", str(tmp_path / "ev8")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "ev8" / "eval.json").read_text())["tta"] == "dihedral"
     v = train(Config.model_validate(tiny_config(tmp_path / "c", shard_dir, epochs=2,
                                                 **{"eval.tta": "flips", "eval.tta_val": True}))).summary
     lines = [json.loads(x) for x in (tmp_path / "c" / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -194,3 +199,37 @@ def test_probe_without_install_is_a_candidate_only(tmp_path, shard_dir):
     assert final[w].abs().max() < 0.05 < best[w].abs().max()   # the fresh head starts near zero (std 0.01)
     probe = load_file(str(tmp_path / "run" / "probe.safetensors"))  # the probe's model, kept whatever is selected
     assert probe.keys() == best.keys() and all(torch.equal(probe[k], best[k]) for k in probe)
+
+
+def test_dihedral_tta_averages_the_eight_symmetries_of_the_square():
+    from dtl.evaluation import predict_logits, tta_views
+
+    x = torch.randn(2, 3, 8, 8)
+    views = tta_views(x, "dihedral")
+    expected = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
+    assert len(views) == 8
+    for e in expected:  # each symmetry exactly once
+        assert sum(torch.equal(v, e) for v in views) == 1
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 5))
+    probs = torch.stack([net(e).softmax(1) for e in expected]).mean(0)
+    assert torch.allclose(predict_logits(net, x, "dihedral").exp(), probs, atol=1e-6)
+
+
+def test_quarter_turn_augmentation_turns_the_image_with_its_probability():
+    from PIL import Image
+
+    from conftest import make_image
+    from dtl.data_pipeline import build_transform
+    from dtl.run_config import AugmentConfig
+
+    pre = {"input_size": [3, 40, 40], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
+    still = dict(hflip=0.0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    img = make_image(1, seed=3, size=40)
+    plain = build_transform(pre, True, AugmentConfig(**still))
+    turned = plain(img.transpose(Image.Transpose.ROTATE_90))
+    assert not torch.equal(turned, plain(img))
+    assert torch.equal(build_transform(pre, True, AugmentConfig(rot90=1.0, **still))(img), turned)
+    half = build_transform(pre, True, AugmentConfig(rot90=0.5, **still))
+    torch.manual_seed(0)
+    n = sum(torch.equal(half(img), turned) for _ in range(200))
+    assert 70 < n < 130, n  # about half of the draws
