@@ -97,6 +97,9 @@ def dtl_config(args):
     if cfg.data.augment.rot90 or cfg.eval.tta == "dihedral":
         raise SystemExit(f"{args.config}: timm's train.py has no quarter turns (augment.rot90, tta dihedral); "
                          f"--dtl-set data.augment.rot90=0 eval.tta=flips compares the rest")
+    if cfg.data.balanced_sampling or cfg.data.class_weights:
+        raise SystemExit(f"{args.config}: timm's train.py has no class-balanced sampling or loss weights; "
+                         f"--dtl-set data.balanced_sampling=0 data.class_weights=false compares the rest")
     return cfg
 
 

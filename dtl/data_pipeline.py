@@ -13,7 +13,7 @@ import torch
 from dtl.dataset_index import DataError, has_split, read_index, resolve_classes, split_source
 from dtl.run_config import AugmentConfig, Config, DataConfig
 from dtl.shard_fetch import RetryPolicy, ShardCache
-from dtl.shard_stream import ShardStream, StreamOptions, batches_per_epoch, make_loader
+from dtl.shard_stream import ShardStream, StreamOptions, balanced_repeats, batches_per_epoch, make_loader
 
 DROP_WARN_FRACTION = 0.05
 
@@ -147,9 +147,15 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
                 split_source(d.root, split or "train", index, d.shards, d.samples)  # raises, naming the split
             return None
         source = split_source(d.root, split, index, d.shards, d.samples)
+        repeats = None
+        if train and d.balanced_sampling:
+            if not source.class_counts or len(source.class_counts) != len(classes):
+                raise DataError(f"data.balanced_sampling needs the {split!r} split's class counts from "
+                                f"{d.root}/dataset.json (`dtl shards index` writes them)")
+            repeats = balanced_repeats(source.class_counts, d.balanced_sampling)
         opts = StreamOptions(classes=classes, label_field=d.label_field, train=train, seed=cfg.seed,
                              shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, max_errors=d.max_errors,
-                             draft_size=size, error_log=error_log, retry=retry)
+                             draft_size=size, error_log=error_log, retry=retry, repeats=repeats)
         tf = build_transform(pre, train, d.augment, uint8=train and d.normalize_on_device)
         return ShardStream(source, tf, opts, rank, world_size, d.num_workers)
 

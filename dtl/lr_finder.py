@@ -76,7 +76,7 @@ def _sweep(model, plan, trainable, data, optimizer, ratios, criterion, start_lr,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            avg = 0.98 * avg + 0.02 * float(loss)
+            avg = 0.98 * avg + 0.02 * loss.item()
             smoothed = avg / (1 - 0.98 ** (step + 1))
             lrs.append(lr)
             losses.append(smoothed)

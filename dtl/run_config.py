@@ -91,6 +91,11 @@ class DataConfig(_Strict):
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
     class_weight_power: float = Field(1.0, ge=0, le=1, description="weights = inverse frequency ** power; "
                                       "0.5 (square root) is the softer choice for strong imbalance")
+    balanced_sampling: float = Field(0.0, ge=0, le=1, description=(
+        "resample the training stream toward equal classes, the alternative to class_weights: each class's "
+        "share of an epoch becomes proportional to its count ** (1 - this); 1: equal shares, 0.5: square "
+        "roots, 0: off. Epochs keep their length; rare images repeat (each copy augmented differently), "
+        "common ones are left out at random, by (seed, epoch, key): resumes stay exact"))
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
@@ -295,6 +300,9 @@ class Config(_Strict):
                              f"got {self.data.batch_size}")
         if (aug.mixup or aug.cutmix) and self.data.class_weights:
             raise ValueError("data.class_weights does not combine with mixup/cutmix (soft targets); choose one")
+        if self.data.class_weights and self.data.balanced_sampling:
+            raise ValueError("data.class_weights and data.balanced_sampling both correct for class imbalance "
+                             "(one in the loss, one in the stream): choose one")
         return self
 
     @field_validator("mixed_precision", mode="before")

@@ -105,7 +105,11 @@ def plot_curves(epochs: list[dict], steps: list[dict], probe: Optional[dict], pl
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch (0: the LP-FT probe)" if probe else "epoch")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
+        else:  # no validation split and no training macro-F1: say so instead of an empty frame
+            ax.text(0.5, 0.5, f"no {name} logged (no validation split)", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
     ax = axes[1, 1]
     lr_keys = [k for k in (steps[0] if steps else {}) if k.startswith("lr/")]
     for k in lr_keys:

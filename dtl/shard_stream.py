@@ -22,6 +22,7 @@ key, 'skip' logs each one to `bad_samples.rank{N}.jsonl` and stops once `max_err
 """
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import math
@@ -120,6 +121,16 @@ def decode_image(sample: dict, draft_size: Optional[int] = None) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def balanced_repeats(class_counts: list[int], power: float) -> list[float]:
+    """Expected copies per sample of each class so that class c's share of an epoch is
+    proportional to count_c ** (1 - power): below 1 a sample is left out at random."""
+    counts = [max(1, c) for c in class_counts]
+    total = sum(counts)
+    shares = [c ** (1 - power) for c in counts]
+    norm = sum(shares)
+    return [(s / norm) / (c / total) for s, c in zip(shares, counts)]
+
+
 def _shuffled(items: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
     buf: list[dict] = []
     for item in items:
@@ -148,6 +159,7 @@ class StreamOptions:
     aug_epoch: Optional[int] = None   # seed augmentation as this epoch's (cached feature views)
     keys_only: bool = False   # labels and keys, no image decoded (the order of a cached epoch)
     retry: Optional[RetryPolicy] = None   # remote shards: retries, backoff, read timeout
+    repeats: Optional[list[float]] = None   # training: expected copies of a sample per class (balanced sampling)
 
 
 class ShardStream(IterableDataset):
@@ -272,6 +284,23 @@ class ShardStream(IterableDataset):
         start, stop = slot * total // self.slots, (slot + 1) * total // self.slots
         return self._range(order, start, stop), iter(()), 0
 
+    def _resampled(self, samples: Iterator[dict], tag: str = "") -> Iterator[dict]:
+        """Balanced sampling: each sample comes floor(r) or ceil(r) times (r: its class's repeat
+        factor), drawn from (seed, epoch, key), so a resumed epoch replays the same draws; copies
+        carry their number, which seeds their augmentation. `tag` marks the fill-in samples (they
+        may be a second pass over this slot's own): fresh draws, fresh augmentation."""
+        repeats = self.opt.repeats
+        for sample in samples:
+            try:
+                label = read_label(sample, self.opt.label_field, len(self.opt.classes), self.opt.classes)
+            except Exception:
+                yield sample  # _decode reports it under data.on_error
+                continue
+            r = repeats[label]
+            u = zlib.crc32(f"balance/{self.opt.seed}/{self.epoch}/{sample.get('__key__')}{tag}".encode()) / 2**32
+            for copy in range(int(r) + (u < r - int(r))):
+                yield sample if copy == 0 and not tag else {**sample, "__copy__": f"{tag}{copy}"}
+
     # -- decoding and policy -----------------------------------------------------------------
     def _bad(self, url: str, key: Optional[str], reason: str, lost: int = 1, position: Optional[int] = None) -> None:
         """Apply `on_error` to `lost` samples (more than one when a shard broke off early)."""
@@ -304,7 +333,8 @@ class ShardStream(IterableDataset):
             return None
         if self.opt.train or self.opt.seeded:  # augmentation as a function of (seed, epoch, key): exact on resume
             epoch = self.epoch if self.opt.aug_epoch is None else self.opt.aug_epoch
-            seed = zlib.crc32(f"{self.opt.seed}/{epoch}/{key}".encode())
+            copy = f"/{sample['__copy__']}" if "__copy__" in sample else ""  # balanced sampling's repeats
+            seed = zlib.crc32(f"{self.opt.seed}/{epoch}/{key}{copy}".encode())
             torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs 0.1 ms (CUDA bookkeeping)
             random.seed(seed)
         return self.transform(img), label, key
@@ -313,6 +343,8 @@ class ShardStream(IterableDataset):
         self._errors = 0
         slot = self._slot()
         own, fill, target = self._raw(slot)
+        if self.opt.train and self.opt.repeats:
+            own, fill = self._resampled(own), self._resampled(fill, "+")
         if self.opt.train and self.opt.shuffle_buffer > 1:
             own = _shuffled(own, self.opt.shuffle_buffer, random.Random(f"buf/{self.opt.seed}/{self.epoch}/{slot}"))
         worker = slot % self.num_workers
@@ -330,7 +362,7 @@ class ShardStream(IterableDataset):
             if item is not None:
                 produced, filled = produced + 1, filled + 1
                 yield item
-        if filled:
+        if filled and self._errors:  # (balanced sampling falls short or over by design)
             warnings.warn(f"split {self.source.name!r} slot {slot}: filled {filled} skipped samples "
                           f"with samples from later in the epoch")
 
@@ -381,9 +413,26 @@ def _ignore_stop_signals(worker_id: int) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+def _kill_leftover_workers() -> None:
+    """At the trainer's exit: workers ignore SIGTERM, so multiprocessing's own exit hook (terminate,
+    then join every daemonic child) would wait forever on the workers of a loader left open (an
+    error raised mid-epoch keeps its iterator alive). They hold nothing to save: SIGKILL them first."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join(timeout=5)
+
+
+_exit_hook = False
+
+
 def make_loader(stream: ShardStream, batch_size: int, num_workers: int,
                 start_method: str = "forkserver") -> DataLoader:
     """A DataLoader over the stream; training drops each worker's last partial batch."""
+    global _exit_hook
+    if num_workers and not _exit_hook:  # registered after multiprocessing's hook, so it runs before it
+        atexit.register(_kill_leftover_workers)
+        _exit_hook = True
     return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                       drop_last=stream.opt.train, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False, worker_init_fn=_ignore_stop_signals if num_workers else None,

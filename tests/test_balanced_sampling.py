@@ -1,0 +1,102 @@
+"""Balanced sampling: the training stream resampled toward equal classes, exact on resume."""
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from conftest import CLASSES, encode, make_image, tiny_config
+from dtl.shard_writer import index_shards
+
+COUNTS = [60, 15, 5]  # 80 training samples, 12:3:1
+
+
+@pytest.fixture(scope="module")
+def skewed_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("skewed")
+    labels = [c for c, n in enumerate(COUNTS) for _ in range(n)]
+    labels = [labels[(7 * i) % len(labels)] for i in range(len(labels))]  # 7 is coprime to 80: a mix
+    for s in range(4):
+        with wds.TarWriter(str(root / f"train-{s}.tar")) as sink:
+            for n in range(s * 20, s * 20 + 20):
+                sink.write({"__key__": f"s{n:04d}", "png": encode(make_image(labels[n], n, size=16), "PNG"),
+                            "cls": labels[n]})
+    index_shards(root, {"train": "train-{0..3}.tar"}, CLASSES)
+    return root
+
+
+def _noise(img) -> torch.Tensor:
+    """Stands in for augmentation: a draw from the generator the stream seeds per sample (and copy)."""
+    return torch.rand(2)
+
+
+def _stream(root: Path, power: float):
+    from dtl.dataset_index import read_index, split_source
+    from dtl.shard_stream import ShardStream, StreamOptions, balanced_repeats
+
+    source = split_source(str(root), "train", read_index(str(root)), {}, {})
+    assert source.class_counts == COUNTS
+    opts = StreamOptions(classes=CLASSES, train=True, seed=3, shuffle_buffer=50,
+                         repeats=balanced_repeats(source.class_counts, power) if power else None)
+    return ShardStream(source, _noise, opts)
+
+
+def test_repeat_factors_give_each_class_its_share():
+    from dtl.shard_stream import balanced_repeats
+
+    for power, shares in ((1.0, [1, 1, 1]), (0.5, [c ** 0.5 for c in COUNTS]), (0.0, COUNTS)):
+        r = balanced_repeats(COUNTS, power)
+        got = [ri * c for ri, c in zip(r, COUNTS)]
+        assert sum(got) == pytest.approx(sum(COUNTS))  # the epoch keeps its length
+        assert [g / sum(got) for g in got] == pytest.approx([s / sum(shares) for s in shares])
+    assert balanced_repeats(COUNTS, 0.0) == pytest.approx([1, 1, 1])
+
+
+def test_balanced_epochs_keep_their_length_even_out_classes_and_replay_exactly(skewed_shards):
+    plain = _stream(skewed_shards, 0.0)
+    plain.set_epoch(1)
+    assert sorted(k for _, _, k in plain) == [f"s{n:04d}" for n in range(80)]  # off: exactly once
+
+    s = _stream(skewed_shards, 1.0)
+    labels = Counter()
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        items = list(s)
+        assert len(items) == 80
+        labels.update(y for _, y, _ in items)
+        copies: dict[str, list[torch.Tensor]] = {}
+        for x, _, k in items:
+            copies.setdefault(k, []).append(x)
+        repeated = [xs for xs in copies.values() if len(xs) > 1]
+        assert repeated and all(not torch.equal(xs[0], xs[1]) for xs in repeated)  # each copy its own draw
+    assert all(60 <= labels[c] <= 100 for c in range(3)), labels  # 240 draws, 80 each expected (was 180:45:15)
+
+    s.set_epoch(2)
+    again = list(s)
+    assert [k for *_, k in again] == [k for *_, k in items] and all(torch.equal(a[0], b[0]) for a, b in zip(again, items))
+    s.set_epoch(2, skip_batches=5, batch_size=4)  # a resume after 5 batches of 4 delivers the rest, the same
+    rest = list(s)
+    assert [k for *_, k in rest] == [k for *_, k in items[20:]]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, items[20:]))
+
+
+def test_balanced_sampling_trains_and_refuses_what_it_cannot_do(skewed_shards, tmp_path):
+    from dtl.data_pipeline import build_data
+    from dtl.dataset_index import DataError
+    from dtl.run_config import Config
+    from dtl.train import train
+
+    cfg = tiny_config(tmp_path, skewed_shards, epochs=2, **{"data.balanced_sampling": 1.0, "data.img_size": 16,
+                                                            "finetune.stages": [{"epoch": 0, "train": "all"}]})
+    summary = train(Config.model_validate(cfg)).summary
+    assert summary["steps"] == 2 * (80 // 8) and summary["train/images"] == 160
+
+    with pytest.raises(ValueError, match="class_weights and data.balanced_sampling"):
+        Config.model_validate({**cfg, "data": {**cfg["data"], "class_weights": True}})
+    no_counts = Config.model_validate({**cfg, "data": {
+        **cfg["data"], "root": str(tmp_path / "nowhere"), "classes": CLASSES, "samples": {"train": 80},
+        "shards": {"train": str(skewed_shards / "train-{0..3}.tar")}}})
+    pre = {"input_size": [3, 16, 16], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
+    with pytest.raises(DataError, match="balanced_sampling needs the 'train' split's class counts"):
+        build_data(no_counts, pre, CLASSES, 0, 1, None)

@@ -1,0 +1,49 @@
+"""bench/vs_timm.py gives timm's train.py the quickstart's recipe, and refuses what timm cannot do."""
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def vs_timm():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import vs_timm
+        yield vs_timm
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _args(*dtl_set: str) -> argparse.Namespace:
+    """The quickstart less its balanced sampling (timm has none), as the README's command runs it."""
+    return argparse.Namespace(config="configs/quickstart.yaml", data="no/such/folder", img_size=160,
+                              backbone="tf_efficientnet_lite0", dtl_set=["data.balanced_sampling=0", *dtl_set])
+
+
+def test_timm_flags_follow_the_quickstart_config(vs_timm):
+    flags = vs_timm.timm_args(vs_timm.dtl_config(_args()))
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    assert pairs["--batch-size"] == "32" and pairs["--workers"] == "2" and pairs["--opt"] == "adamw"
+    assert float(pairs["--lr"]) == 1e-3 and float(pairs["--weight-decay"]) == 0.01 and pairs["--sched"] == "cosine"
+    assert float(pairs["--smoothing"]) == 0.1 and pairs["--train-interpolation"] == "bicubic"
+    assert float(pairs["--hflip"]) == 0.5 and float(pairs["--vflip"]) == 0.5 and float(pairs["--crop-pct"]) == 1.0
+    scale = flags[flags.index("--scale") + 1:flags.index("--scale") + 3]
+    assert [float(v) for v in scale] == [0.9, 1.0]
+    more = vs_timm.timm_args(vs_timm.dtl_config(_args("data.augment.mixup=0.2", "optim.clip_grad_norm=1.0")))
+    assert more[more.index("--mixup") + 1] == "0.2" and more[more.index("--clip-grad") + 1] == "1.0"
+
+
+@pytest.mark.parametrize("override, says", [
+    ("data.augment.rot90=0.5", "no quarter turns"),
+    ("eval.tta=dihedral", "no quarter turns"),
+    ("optim.schedule=step", "maps cosine only"),
+    ("data.img_size=224", "differ from"),
+    ("data.balanced_sampling=0.5", "no class-balanced sampling"),
+])
+def test_what_timm_cannot_match_is_refused_before_any_run(vs_timm, override, says):
+    with pytest.raises(SystemExit, match=says):
+        vs_timm.dtl_config(_args(override))
