@@ -375,8 +375,9 @@ def _collate(batch: list[tuple[torch.Tensor, int, str]]) -> dict:
 
 # What dtl/train.py imports, not dtl.train itself: a worker re-runs the trainer's main module
 # (`python -m dtl.train` too), and runpy warns when that module was imported before it.
-_SERVER_PRELOAD = ("torch", "PIL.Image", "dtl.shard_stream", "dtl.run_setup", "dtl.run_finish", "dtl.linear_probe",
-                   "dtl.training_epoch")
+# dtl.worker_server_signals makes the server ignore SIGTERM/SIGUSR1; only the server imports it.
+_SERVER_PRELOAD = ("dtl.worker_server_signals", "torch", "PIL.Image", "dtl.shard_stream", "dtl.run_setup",
+                   "dtl.run_finish", "dtl.linear_probe", "dtl.training_epoch")
 
 
 def _worker_context(method: str) -> Optional[multiprocessing.context.BaseContext]:

@@ -83,6 +83,32 @@ def test_workers_start_from_a_forkserver_and_deliver_what_fork_delivers(uneven_s
     assert ids["forkserver"] == ids["fork"] and len(ids["fork"]) == 2 * (sum(SIZES) // 2 // 3 * 3)
 
 
+_SIGNAL_THE_SERVER = """
+import os, signal, sys
+from multiprocessing import forkserver
+sys.path.insert(0, sys.argv[2])
+from conftest import CLASSES, blank_image
+from dtl.shard_stream import ShardStream, SplitSource, StreamOptions, make_loader, start_worker_server
+start_worker_server("forkserver", 2)
+s = ShardStream(SplitSource("test", [f"{sys.argv[1]}/test-{i}.tar" for i in range(3)], [4, 7, 2], 13), blank_image,
+                StreamOptions(classes=CLASSES, train=False), 0, 1, num_workers=2)
+before = sorted(k for b in make_loader(s, 2, 2) for k in b["key"])
+for _ in range(5):  # the signal lands as the next loader starts its workers (a dead server is restarted)
+    os.kill(forkserver._forkserver._forkserver_pid, signal.SIGTERM)  # as `timeout` or scancel signal the job
+    assert sorted(k for b in make_loader(s, 2, 2) for k in b["key"]) == before
+print(len(before), "ok")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_worker_server_outlives_a_sigterm_so_the_next_loader_starts(uneven_shards):
+    """Slurm and `timeout` signal every process of the job, the forkserver among them; the trainer
+    finishes its pass before it checkpoints, and that pass may start a new loader (validation)."""
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_THE_SERVER, str(uneven_shards), str(HERE)],
+                       capture_output=True, text=True, timeout=100, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stdout.split() == ["13", "ok"], r.stderr[-3000:]
+
+
 @contextlib.contextmanager
 def http_server(root: Path):
     with socket.socket() as s:
