@@ -20,6 +20,15 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _optional_submodel(annotation: Any) -> type[BaseModel] | None:
+    """The model M of an `Optional[M]` field."""
+    args = getattr(annotation, "__args__", ())
+    if type(None) not in args:
+        return None
+    rest = [a for a in args if a is not type(None)]
+    return rest[0] if len(rest) == 1 and _submodel(rest[0]) is not None else None
+
+
 def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, description) for every leaf of the schema, in schema order."""
     rows = []
@@ -28,6 +37,11 @@ def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple
         sub = _submodel(f.annotation)
         if sub is not None:
             rows += config_keys(sub, key + ".")
+            continue
+        optional = _optional_submodel(f.annotation)
+        if optional is not None:  # a block that is off unless given: the block, then its keys
+            rows.append((key, f"{optional.__name__} or None", "None", f.description or ""))
+            rows += config_keys(optional, key + ".")
             continue
         if f.default is PydanticUndefined and f.default_factory is None:
             default = "(required)"

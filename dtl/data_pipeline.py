@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from dtl.dataset_index import DataError, has_split, read_index, resolve_classes, split_source
-from dtl.run_config import AugmentConfig, Config, DataConfig
+from dtl.run_config import AugmentConfig, Config, ConfigError, DataConfig, ProgressiveResizeConfig
 from dtl.shard_fetch import RetryPolicy, ShardCache
 from dtl.shard_stream import ShardStream, StreamOptions, balanced_repeats, batches_per_epoch, make_loader
 
@@ -107,6 +107,17 @@ class DeviceNormalize:
         return x.float().sub_(mean).div_(std)  # float() keeps the memory format
 
 
+def train_size_at(epoch: int, final: int, ramp: Optional[ProgressiveResizeConfig]) -> int:
+    """Training image size of `epoch` (0-based): `final` without a ramp; with one, start_size up to
+    start_epoch, then linear to `final` at end_epoch, rounded to `ramp.multiple` as FFCV's
+    ResolutionScheduler does (np.interp, then round to a multiple of 32), kept within the two ends."""
+    if ramp is None:
+        return final
+    t = min(1.0, max(0.0, (epoch - ramp.start_epoch) / (ramp.end_epoch - ramp.start_epoch)))
+    size = round((ramp.start_size + t * (final - ramp.start_size)) / ramp.multiple) * ramp.multiple
+    return final if t >= 1 else min(final, max(ramp.start_size, size))
+
+
 @dataclass
 class Data:
     classes: list[str]
@@ -118,6 +129,21 @@ class Data:
     num_workers: int
     worker_start: str = "forkserver"
     normalize: Optional[DeviceNormalize] = None   # for uint8 batches (the training stream's by default)
+    final_size: int = 224                          # validation, test and the probe; training's last epochs
+    ramp: Optional[ProgressiveResizeConfig] = None  # progressive resizing of the training images
+    train_transform: Optional[Callable[[int], Callable]] = None  # size -> the training transform at that size
+
+    def train_size(self, epoch: int) -> int:
+        return train_size_at(epoch, self.final_size, self.ramp)
+
+    def resize_train(self, epoch: int) -> int:
+        """Give the training stream `epoch`'s image size (progressive resizing); returns it. Workers
+        start per epoch, so the next loader carries the new transform; a resumed epoch gets the same."""
+        size = self.train_size(epoch)
+        if self.train_transform is not None and size != self.train.opt.draft_size:
+            self.train.transform = self.train_transform(size)
+            self.train.opt.draft_size = size
+        return size
 
     def loader(self, stream: ShardStream, batch_size: Optional[int] = None) -> torch.utils.data.DataLoader:
         """Every DataLoader of a run: this run's workers and their start method."""
@@ -140,6 +166,13 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
     retry = RetryPolicy(d.retries, d.retry_max_s, d.read_timeout_s, log=retry_log, cache=cache)
     index = read_index(d.root)
     size = pre["input_size"][-1]
+    if d.progressive_resize is not None and d.progressive_resize.start_size > size:
+        raise ConfigError(f"data.progressive_resize.start_size={d.progressive_resize.start_size} is larger than "
+                          f"the input size {size} (data.img_size) it grows to")
+
+    def train_transform(at: int) -> Callable:
+        return build_transform({**pre, "input_size": (pre["input_size"][0], at, at)}, True, d.augment,
+                               uint8=d.normalize_on_device)
 
     def stream(split: Optional[str], train: bool) -> Optional[ShardStream]:
         if not has_split(split, index, d.shards):
@@ -156,12 +189,12 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
         opts = StreamOptions(classes=classes, label_field=d.label_field, train=train, seed=cfg.seed,
                              shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, max_errors=d.max_errors,
                              draft_size=size, error_log=error_log, retry=retry, repeats=repeats)
-        tf = build_transform(pre, train, d.augment, uint8=train and d.normalize_on_device)
+        tf = train_transform(size) if train else build_transform(pre, False, d.augment)
         return ShardStream(source, tf, opts, rank, world_size, d.num_workers)
 
     data = Data(classes, stream(d.train_split, True), stream(d.val_split, False), stream(d.test_split, False),
                 d.batch_size, d.eval_batch_size or d.batch_size, d.num_workers, d.worker_start,
-                DeviceNormalize(pre["mean"], pre["std"]))
+                DeviceNormalize(pre["mean"], pre["std"]), size, d.progressive_resize, train_transform)
     if rank == 0:
         warn_dropped_samples(data.train, d.batch_size, world_size)
     return data

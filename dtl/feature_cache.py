@@ -204,7 +204,7 @@ def average_head_grads(run) -> None:
 
 def build_cache(run) -> Optional[FrozenFeatureCache]:
     """The run's cache if any stage of its plan trains the head only and caching is on."""
-    if not run.cfg.finetune.cache_frozen:
-        return None
+    if not run.cfg.finetune.cache_frozen or run.cfg.data.progressive_resize is not None:
+        return None  # progressive resizing: an epoch would read a view cached at another epoch's size
     cache = FrozenFeatureCache(run)
     return cache if any(cache.applies(e) for e in range(run.cfg.epochs)) else None

@@ -47,6 +47,21 @@ class AugmentConfig(_Strict):
     mix_prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed at all")
 
 
+class ProgressiveResizeConfig(_Strict):
+    """fastai's progressive resizing, scheduled as FFCV does: small images in the first epochs (fast,
+    coarse features), data.img_size (validation, test and the probe's size) in the last ones."""
+    start_size: int = Field(..., ge=16, description="training image size up to start_epoch")
+    start_epoch: int = Field(0, ge=0, description="last epoch (0-based) at start_size; the ramp begins after it")
+    end_epoch: int = Field(..., ge=1, description="first epoch (0-based) at data.img_size")
+    multiple: int = Field(32, ge=1, description="sizes on the ramp are rounded to a multiple of this (FFCV: 32)")
+
+    @model_validator(mode="after")
+    def _ramp(self) -> "ProgressiveResizeConfig":
+        if self.end_epoch <= self.start_epoch:
+            raise ValueError(f"end_epoch ({self.end_epoch}) must come after start_epoch ({self.start_epoch})")
+        return self
+
+
 class DataConfig(_Strict):
     root: str = Field(..., description="folder (or URL prefix) holding dataset.json and the shards")
     prepare: Literal["none", "elpv", "imagefolder"] = Field(
@@ -96,6 +111,9 @@ class DataConfig(_Strict):
         "share of an epoch becomes proportional to its count ** (1 - this); 1: equal shares, 0.5: square "
         "roots, 0: off. Epochs keep their length; rare images repeat (each copy augmented differently), "
         "common ones are left out at random, by (seed, epoch, key): resumes stay exact"))
+    progressive_resize: Optional[ProgressiveResizeConfig] = Field(None, description=(
+        "train the first epochs on smaller images, growing to img_size (fastai, FFCV): cheaper early "
+        "epochs, full-size late ones; unset: every epoch at img_size"))
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 

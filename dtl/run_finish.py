@@ -133,6 +133,8 @@ def epoch_record(run, stats, val: Optional[EvalResult], val_ema: Optional[EvalRe
               "trainable_params": run.strategy.count_trainable(run.model, run.plan, run.stage),
               "epoch_time_s": stats.seconds, "train/img_per_s": stats.images / max(1e-9, stats.seconds),
               **stats.lrs}
+    if run.data.ramp is not None:
+        record["train/img_size"] = run.data.train_size(run.state.epoch)
     record.update(memory_record(run.accelerator.device))
     retries = sum(len(p.read_text().splitlines()) for p in run.out.glob("shard_retries.rank*.jsonl"))
     if retries:

@@ -55,7 +55,7 @@ class Console(Observer):
               f"({acc.distributed_type.value}), mixed precision {acc.mixed_precision}")
         print(f"data: {run.data.train.source.total} train samples, {run.steps_per_epoch} steps/epoch of "
               f"{cfg.data.batch_size} x {acc.num_processes} x {cfg.optim.grad_accum_steps}; "
-              f"input {run.pre['input_size'][1:]}")
+              f"input {run.pre['input_size'][1:]}" + _ramp_line(run))
         print(run.plan.describe(), flush=True)
 
     def stage_start(self, run, stage, n_trainable: int) -> None:
@@ -70,7 +70,8 @@ class Console(Observer):
             line += f" | val loss {record['val/loss']:.4f} acc {record['val/acc']:.3f} f1 {record['val/macro_f1']:.3f}"
         if "val_ema/acc" in record:
             line += f" | ema acc {record['val_ema/acc']:.3f} f1 {record['val_ema/macro_f1']:.3f}"
-        print(line + f" | {record['train/img_per_s']:.1f} img/s | {record['epoch_time_s']:.0f}s", flush=True)
+        size = f" at {record['train/img_size']} px" if "train/img_size" in record else ""
+        print(line + f" | {record['train/img_per_s']:.1f} img/s{size} | {record['epoch_time_s']:.0f}s", flush=True)
 
     def eval_end(self, run, split: str, result) -> None:
         m = result.metrics
@@ -275,3 +276,17 @@ class WandbTracker(Observer):
             if (run.out / file).is_file():
                 wb.log_artifact(wandb_media.model_artifact(run.out / file, name, {**meta, "file": file}),
                                 aliases=[alias])
+
+
+def _ramp_line(run) -> str:
+    """Progressive resizing: the training sizes epoch by epoch, sizes in a row collapsed."""
+    if run.data.ramp is None:
+        return ""
+    sizes = [run.data.train_size(e) for e in range(run.cfg.epochs)]
+    runs = []
+    for e, s in enumerate(sizes):
+        if runs and runs[-1][2] == s:
+            runs[-1][1] = e + 1
+        else:
+            runs.append([e + 1, e + 1, s])
+    return "; training sizes " + ", ".join(f"epochs {a}-{b}: {s}" if a != b else f"epoch {a}: {s}" for a, b, s in runs)

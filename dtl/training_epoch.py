@@ -47,6 +47,7 @@ def batches(run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Calla
         for x, y in run.features.batches(epoch, run.state.batch_in_epoch):
             yield x.to(dev), y.to(dev), forward, True
         return
+    run.data.resize_train(epoch)
     run.data.train.set_epoch(epoch, skip_batches=run.state.batch_in_epoch, batch_size=run.data.batch_size)
     for batch in run.data.loader(run.data.train):
         x = as_input(batch["image"], dev, run.cfg.model.channels_last, run.data.normalize)

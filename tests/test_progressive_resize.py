@@ -1,0 +1,62 @@
+"""Progressive resizing: the size schedule, the loader's images at each epoch's size, and a
+stopped-and-resumed run that ends bitwise where an uninterrupted one does."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CLASSES, tiny_config
+from dtl.data_pipeline import build_data, train_size_at
+from dtl.run_config import Config, ConfigError, ProgressiveResizeConfig
+
+
+def test_sizes_ramp_from_start_to_the_input_size_in_multiples():
+    ramp = ProgressiveResizeConfig(start_size=128, end_epoch=8)
+    # FFCV's ResolutionScheduler for 128 -> 192 over epochs 0..8: interp, then round to a multiple of 32
+    assert [train_size_at(e, 192, ramp) for e in range(10)] == [128, 128, 128, 160, 160, 160, 192, 192, 192, 192]
+    later = ProgressiveResizeConfig(start_size=96, start_epoch=2, end_epoch=4, multiple=16)
+    assert [train_size_at(e, 160, later) for e in range(6)] == [96, 96, 96, 128, 160, 160]
+    assert [train_size_at(e, 160, None) for e in range(3)] == [160, 160, 160]
+    ten = lambda start: ProgressiveResizeConfig(start_size=start, end_epoch=10)
+    assert train_size_at(9, 120, ten(64)) == 120 and train_size_at(1, 160, ten(100)) == 100  # 128, 96: kept within
+    with pytest.raises(ValueError, match="end_epoch .* must come after start_epoch"):
+        ProgressiveResizeConfig(start_size=64, start_epoch=3, end_epoch=3)
+
+
+def test_each_epoch_loads_images_at_its_size(shard_dir, tmp_path):
+    cfg = Config.model_validate(tiny_config(tmp_path, shard_dir, **{
+        "data.num_workers": 2, "data.progressive_resize": {"start_size": 16, "end_epoch": 2, "multiple": 8}}))
+    pre = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
+    data = build_data(cfg, pre, CLASSES, 0, 1, None)
+    for epoch, size in enumerate([16, 24, 32, 32]):
+        assert data.resize_train(epoch) == size
+        data.train.set_epoch(epoch)
+        shapes = {tuple(b["image"].shape[-2:]) for b in data.loader(data.train)}
+        assert shapes == {(size, size)}, (epoch, shapes)
+    assert {tuple(b["image"].shape[-2:]) for b in data.loader(data.val)} == {(32, 32)}  # validation: the input size
+    too_big = Config.model_validate(tiny_config(tmp_path, shard_dir, **{
+        "data.progressive_resize": {"start_size": 48, "end_epoch": 2}}))
+    with pytest.raises(ConfigError, match="start_size=48 is larger than the input size 32"):
+        build_data(too_big, pre, CLASSES, 0, 1, None)
+
+
+def test_a_resumed_run_keeps_each_epochs_size_and_ends_where_an_uninterrupted_one_does(tmp_path, shard_dir, capsys):
+    from dtl.train import train
+
+    extra = {"data.num_workers": 2, "data.progressive_resize": {"start_size": 16, "end_epoch": 2, "multiple": 8}}
+    full = tiny_config(tmp_path / "a", shard_dir, **extra)
+    train(Config.model_validate(full))
+    console = capsys.readouterr().out
+    assert "training sizes epoch 1: 16, epoch 2: 24, epoch 3: 32" in console and "img/s at 24 px" in console
+    cfg = tiny_config(tmp_path / "b", shard_dir, stop_after_steps=6, **extra)  # mid-epoch 1, at 24 px
+    assert train(Config.model_validate(cfg)).stopped
+    cfg.update(stop_after_steps=None, resume="auto")
+    train(Config.model_validate(cfg))
+    sizes = lambda out: [r["train/img_size"] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
+                         if "train/acc" in r]
+    assert sizes(full["output_dir"]) == sizes(cfg["output_dir"]) == [16, 24, 32]
+    a, b = (load_file(str(Path(c["output_dir"]) / "model.safetensors")) for c in (full, cfg))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
