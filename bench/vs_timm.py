@@ -5,7 +5,7 @@ epoch and time to reach timm's final test accuracy.
 
 Both tools get the quickstart split (dtl's shards; exported once as an ImageFolder tree for timm),
 the same backbone and the same offline ImageNet tensors (timm through `--pretrained-path`, its head
-reset to 4 classes), the same resolution, batch size, epoch budget, optimizer (AdamW, cosine, the
+reset to the dataset's classes), the same resolution, interpolation and normalisation, batch size, epoch budget, optimizer (AdamW, cosine, the
 config's rate, weight decay and label smoothing), flips, crop scale and ratio, `channels_last` and
 data workers: timm's arguments are read from dtl's config (with `--dtl-set` applied).
 dtl runs its quickstart config as a user would (its plan: the probe, then every layer fine-tuned);
@@ -103,6 +103,18 @@ def dtl_config(args):
     return cfg
 
 
+def backbone_inputs(cfg) -> tuple[dict, int]:
+    """dtl's preprocessing for the config's backbone (size, interpolation, mean/std, crop) and its
+    class count: what timm is told, and the one eval transform both tools are tested with."""
+    import timm
+
+    from dtl.backbones import preprocessing
+    from dtl.data_pipeline import run_classes
+
+    pre = preprocessing(timm.create_model(cfg.model.backbone, pretrained=False), cfg.data.img_size, cfg.data.crop_pct)
+    return pre, len(run_classes(cfg.data))
+
+
 def timm_args(cfg) -> list[str]:
     """timm train.py's flags for the settings of dtl's config: the same recipe in both tools. timm's
     warmup counts whole epochs (1 here; dtl's config may say 0.5)."""
@@ -130,9 +142,10 @@ def run_timm(args, out: Path, folder: Path, weights: Path, env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cmd = [sys.executable, str(TIMM_TRAIN), "--data-dir", str(folder), "--train-split", "train", "--val-split", "val",
-           "--model", args.backbone, "--pretrained", "--pretrained-path", str(weights), "--num-classes", "4",
-           "--img-size", str(args.img_size), "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5",
-           "--interpolation", "bicubic", "--epochs", str(args.epochs), "--sched-on-updates", "--warmup-epochs", "1",
+           "--model", args.backbone, "--pretrained", "--pretrained-path", str(weights),
+           "--num-classes", str(args.num_classes), "--img-size", str(args.img_size),
+           "--mean", *map(str, args.pre["mean"]), "--std", *map(str, args.pre["std"]),
+           "--interpolation", args.pre["interpolation"], "--epochs", str(args.epochs), "--sched-on-updates", "--warmup-epochs", "1",
            "--warmup-lr", "1e-5", *timm_args(args.cfg), "--channels-last",
            "--checkpoint-hist", str(args.epochs + 1), "--log-interval", "10", "--seed", str(args.seed),
            "--output", str(out), "--experiment", "run", "--device", "cuda" if torch.cuda.is_available() else "cpu"]
@@ -155,11 +168,11 @@ def run_timm(args, out: Path, folder: Path, weights: Path, env: dict) -> dict:
             "final_weights": str(run / "last.pth.tar")}
 
 
-def load_weights(backbone: str, path: str) -> torch.nn.Module:
+def load_weights(backbone: str, path: str, num_classes: int) -> torch.nn.Module:
     import timm
     from safetensors.torch import load_file
 
-    model = timm.create_model(backbone, num_classes=4)
+    model = timm.create_model(backbone, num_classes=num_classes)
     if path.endswith(".safetensors"):
         sd = {k.removeprefix("module."): v for k, v in load_file(path).items()}
         model.load_state_dict(sd)
@@ -168,15 +181,15 @@ def load_weights(backbone: str, path: str) -> torch.nn.Module:
     return model.eval()
 
 
-def test_metrics(model: torch.nn.Module, folder: Path, img_size: int) -> dict:
-    """Accuracy and macro-F1 on the test split, one eval transform for both tools."""
+def test_metrics(model: torch.nn.Module, folder: Path, pre: dict) -> dict:
+    """Accuracy and macro-F1 on the test split, one eval transform (dtl's for the backbone) for both tools."""
     import timm.data
     from torchvision.datasets import ImageFolder
 
     from dtl.classification_metrics import confusion_update, summarize
 
-    tf = timm.data.create_transform((3, img_size, img_size), interpolation="bicubic", mean=(0.5,) * 3,
-                                    std=(0.5,) * 3, crop_pct=1.0)
+    tf = timm.data.create_transform(tuple(pre["input_size"]), interpolation=pre["interpolation"],
+                                    mean=tuple(pre["mean"]), std=tuple(pre["std"]), crop_pct=pre["crop_pct"])
     ds = ImageFolder(str(folder / "test"), transform=tf)
     cm = torch.zeros(len(ds.classes), len(ds.classes), dtype=torch.long)
     with torch.inference_mode():
@@ -204,6 +217,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     args.cfg = dtl_config(args)  # checked before any run; timm's flags come from it
+    args.pre, args.num_classes = backbone_inputs(args.cfg)
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "imagefolder"
@@ -217,10 +231,10 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     for run in runs:
         for e in run["epochs"]:
-            m = test_metrics(load_weights(args.backbone, e["weights"]), folder, args.img_size)
+            m = test_metrics(load_weights(args.backbone, e["weights"], args.num_classes), folder, args.pre)
             e["test_acc"], e["test_macro_f1"] = m["acc"], m["macro_f1"]
         for which in ("best", "final"):
-            m = test_metrics(load_weights(args.backbone, run[f"{which}_weights"]), folder, args.img_size)
+            m = test_metrics(load_weights(args.backbone, run[f"{which}_weights"], args.num_classes), folder, args.pre)
             run[f"{which}_test_acc"], run[f"{which}_test_macro_f1"] = m["acc"], m["macro_f1"]
         print(f"{run['tool']:5s} wall {run['wall_s']:7.1f} s  final test acc {run['final_test_acc']:.4f} "
               f"f1 {run['final_test_macro_f1']:.4f}  best {run['best_test_acc']:.4f}  "

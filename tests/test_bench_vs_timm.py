@@ -47,3 +47,17 @@ def test_timm_flags_follow_the_quickstart_config(vs_timm):
 def test_what_timm_cannot_match_is_refused_before_any_run(vs_timm, override, says):
     with pytest.raises(SystemExit, match=says):
         vs_timm.dtl_config(_args(override))
+
+
+def test_timm_is_told_the_backbones_normalisation_and_the_datasets_classes(vs_timm, shard_dir):
+    from conftest import CLASSES
+
+    args = _args()
+    args.data = str(shard_dir)
+    pre, n = vs_timm.backbone_inputs(vs_timm.dtl_config(args))
+    assert n == len(CLASSES) and pre["input_size"] == [3, 160, 160]
+    assert pre["mean"] == pre["std"] == [0.5] * 3 and pre["interpolation"] == "bicubic"  # EfficientNet-Lite's
+    args = _args("model.backbone=resnet18")
+    args.data, args.backbone = str(shard_dir), "resnet18"
+    pre, _ = vs_timm.backbone_inputs(vs_timm.dtl_config(args))
+    assert pre["mean"] == [0.485, 0.456, 0.406] and pre["crop_pct"] == 1.0  # ImageNet's, the config's crop
