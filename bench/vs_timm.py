@@ -88,7 +88,7 @@ def dtl_config(args):
     """dtl's run config with the bench's overrides: the source of timm's matching arguments."""
     from dtl.run_config import load_config
 
-    cfg = load_config(REPO / args.config, [f"data.root={args.data}", *args.dtl_set])
+    cfg = load_config(REPO / args.config, [f"data.root={REPO / args.data}", *args.dtl_set])
     if cfg.data.img_size != args.img_size or cfg.model.backbone != args.backbone:
         raise SystemExit(f"--img-size/--backbone ({args.img_size}, {args.backbone}) differ from {args.config}'s "
                          f"({cfg.data.img_size}, {cfg.model.backbone})")
@@ -103,16 +103,21 @@ def dtl_config(args):
     return cfg
 
 
-def backbone_inputs(cfg) -> tuple[dict, int]:
-    """dtl's preprocessing for the config's backbone (size, interpolation, mean/std, crop) and its
-    class count: what timm is told, and the one eval transform both tools are tested with."""
+def backbone_preprocessing(cfg) -> dict:
+    """dtl's preprocessing for the config's backbone (size, interpolation, mean/std, crop): what timm
+    is told, and the one eval transform both tools are tested with."""
     import timm
 
     from dtl.backbones import preprocessing
+
+    return preprocessing(timm.create_model(cfg.model.backbone, pretrained=False), cfg.data.img_size, cfg.data.crop_pct)
+
+
+def backbone_inputs(cfg) -> tuple[dict, int]:
+    """The preprocessing and the dataset's class count."""
     from dtl.data_pipeline import run_classes
 
-    pre = preprocessing(timm.create_model(cfg.model.backbone, pretrained=False), cfg.data.img_size, cfg.data.crop_pct)
-    return pre, len(run_classes(cfg.data))
+    return backbone_preprocessing(cfg), len(run_classes(cfg.data))
 
 
 def timm_args(cfg) -> list[str]:
@@ -120,7 +125,7 @@ def timm_args(cfg) -> list[str]:
     warmup counts whole epochs (1 here; dtl's config may say 0.5)."""
     d, aug, o = cfg.data, cfg.data.augment, cfg.optim
     flags = ["--batch-size", str(d.batch_size), "--validation-batch-size", str(d.batch_size),
-             "--workers", str(d.num_workers), "--train-interpolation", "bicubic",
+             "--workers", str(d.num_workers), "--train-interpolation", backbone_preprocessing(cfg)["interpolation"],
              "--opt", o.name, "--momentum", str(o.momentum), "--lr", str(o.lr),
              "--weight-decay", str(o.weight_decay), "--sched", o.schedule,
              "--min-lr", str(o.lr * o.min_lr_ratio), "--smoothing", str(o.label_smoothing),
@@ -189,7 +194,8 @@ def test_metrics(model: torch.nn.Module, folder: Path, pre: dict) -> dict:
     from dtl.classification_metrics import confusion_update, summarize
 
     tf = timm.data.create_transform(tuple(pre["input_size"]), interpolation=pre["interpolation"],
-                                    mean=tuple(pre["mean"]), std=tuple(pre["std"]), crop_pct=pre["crop_pct"])
+                                    mean=tuple(pre["mean"]), std=tuple(pre["std"]), crop_pct=pre["crop_pct"],
+                                    crop_mode=pre.get("crop_mode"))
     ds = ImageFolder(str(folder / "test"), transform=tf)
     cm = torch.zeros(len(ds.classes), len(ds.classes), dtype=torch.long)
     with torch.inference_mode():

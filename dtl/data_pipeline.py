@@ -118,6 +118,39 @@ def train_size_at(epoch: int, final: int, ramp: Optional[ProgressiveResizeConfig
     return final if t >= 1 else min(final, max(ramp.start_size, size))
 
 
+def training_sizes(final: int, ramp: Optional[ProgressiveResizeConfig], epochs: int) -> list[int]:
+    """The distinct training sizes of a run, in the order its epochs use them."""
+    return list(dict.fromkeys(train_size_at(e, final, ramp) for e in range(epochs)))
+
+
+def check_training_sizes(model: torch.nn.Module, backbone: str, final: int,
+                         ramp: Optional[ProgressiveResizeConfig], epochs: int) -> None:
+    """Refuse a ramp the model cannot take, before anything is written: a backbone with a fixed
+    input size (the patch grid of timm's and torchvision's ViTs) would otherwise fail on the ramp's
+    first batch, after the probe. One blank image per size, in eval mode."""
+    if ramp is None:
+        return
+    if ramp.start_size > final:
+        raise ConfigError(f"data.progressive_resize.start_size={ramp.start_size} is larger than the input "
+                          f"size {final} (data.img_size) it grows to")
+    p = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for size in [s for s in training_sizes(final, ramp, epochs) if s != final]:
+                try:
+                    model(torch.zeros(1, 3, size, size, dtype=p.dtype, device=p.device))
+                except Exception as e:  # noqa: BLE001 - any failure means this size cannot train
+                    first = (str(e).strip().splitlines() or [""])[0][:160]
+                    raise ConfigError(f"data.progressive_resize: {backbone} does not take {size}x{size} inputs "
+                                      f"({type(e).__name__}: {first}); every size of the ramp must be one the "
+                                      f"backbone takes (ViTs: multiples of the patch size, or only the size "
+                                      f"they were built for)") from None
+    finally:
+        model.train(was_training)
+
+
 @dataclass
 class Data:
     classes: list[str]

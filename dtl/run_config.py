@@ -318,6 +318,11 @@ class Config(_Strict):
                              f"got {self.data.batch_size}")
         if (aug.mixup or aug.cutmix) and self.data.class_weights:
             raise ValueError("data.class_weights does not combine with mixup/cutmix (soft targets); choose one")
+        ramp = self.data.progressive_resize
+        if ramp is not None and ramp.end_epoch >= self.epochs:
+            raise ValueError(f"data.progressive_resize.end_epoch={ramp.end_epoch} must be below epochs={self.epochs} "
+                             f"(0-based): training would never reach data.img_size, the size it is validated "
+                             f"and tested at")
         if self.data.class_weights and self.data.balanced_sampling:
             raise ValueError("data.class_weights and data.balanced_sampling both correct for class imbalance "
                              "(one in the loss, one in the stream): choose one")

@@ -26,7 +26,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from dtl import checkpoints as ckpt
 from dtl.backbones import create_classifier, preprocessing
 from dtl.cpu_threads import configure_cpu_threads
-from dtl.data_pipeline import Data, build_data, class_weights, prepare_shards, run_classes
+from dtl.data_pipeline import (Data, build_data, check_training_sizes, class_weights, prepare_shards, run_classes,
+                               training_sizes)
 from dtl.dataset_index import DataError
 from dtl.finetune_plan import FinetunePlan, Stage
 from dtl.layer_groups import layer_groups
@@ -158,7 +159,8 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     events = Events([*watchers, *observers], accelerator.is_main_process)
     ema = _build_ema(cfg, accelerator, model, strategy, resume_from)
     if cfg.model.compile:  # after the EMA's copy: a copy of a compiled module would call the original
-        _compile(cfg, accelerator.unwrap_model(model), len(plan.stages))
+        _compile(cfg, accelerator.unwrap_model(model), len(plan.stages),
+                 len(training_sizes(pre["input_size"][-1], cfg.data.progressive_resize, cfg.epochs)))
     run = Run(cfg, out, accelerator, strategy, model, optimizer, scheduler, criterion, data, classes, plan, pre,
               state, events, PreemptionHandler(accelerator), steps_per_epoch,
               steps_per_epoch * cfg.optim.grad_accum_steps, resume_from, time.time(), state.wall_time_s,
@@ -179,19 +181,22 @@ def _loss(cfg: Config, data: Data, classes: list[str], accelerator: Accelerator)
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing), None
 
 
-def _compile(cfg: Config, bare: nn.Module, stages: int) -> None:
+def _compile(cfg: Config, bare: nn.Module, stages: int, sizes: int = 1) -> None:
     """torch.compile the bare module in place (`nn.Module.compile`): the DDP wrapper rebuilt at every
     stage change wraps the same compiled module, parameter names stay as they are (no `_orig_mod.`),
     and Dynamo's guards on `requires_grad` and train/eval mode recompile exactly the graphs a stage
     change or an evaluation invalidates. Each stage adds graphs (training, a last short batch, and
     evaluation), so Dynamo's limit of 8 per frame is raised with the stage count: past it, a gradual
-    unfreeze would silently run its last, most expensive stages uncompiled."""
+    unfreeze would silently run its last, most expensive stages uncompiled. With progressive
+    resizing each training size gets its own static graph (`dynamic=False`: Dynamo would otherwise
+    turn height and width symbolic at the second size, for the full-size epochs too)."""
     import torch._dynamo
 
-    need = 8 + 4 * stages
+    need = 8 + 4 * stages + 2 * (sizes - 1)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, need)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 8 * need)
-    bare.compile(backend=cfg.model.compile_backend, mode=cfg.model.compile_mode)
+    bare.compile(backend=cfg.model.compile_backend, mode=cfg.model.compile_mode,
+                 **({"dynamic": False} if sizes > 1 else {}))
 
 
 def _build_ema(cfg: Config, accelerator: Accelerator, model: nn.Module, strategy: ParallelStrategy,
@@ -265,6 +270,7 @@ def _build_model(accelerator: Accelerator, cfg: Config) -> tuple[nn.Module, list
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.output_dir) / "weights_report.json").write_text(json.dumps(report, indent=1) + "\n")
     pre = preprocessing(model, cfg.data.img_size, cfg.data.crop_pct)
+    check_training_sizes(model, cfg.model.backbone, pre["input_size"][-1], cfg.data.progressive_resize, cfg.epochs)
     if cfg.model.channels_last and not is_sharded(accelerator):
         model = model.to(memory_format=torch.channels_last)  # FSDP flattens parameters: left as they are
     groups = layer_groups(model, cfg.finetune.groups, cfg.finetune.group_regex)

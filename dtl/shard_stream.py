@@ -28,6 +28,7 @@ import json
 import math
 import multiprocessing
 import multiprocessing.context
+import os
 import random
 import signal
 import warnings
@@ -407,11 +408,29 @@ def _ignore_stop_signals(worker_id: int) -> None:
     Slurm (scancel, time limit, preemption) and `timeout` signal every process of the job; a
     worker killed by SIGTERM takes its loader down ("DataLoader worker exited unexpectedly") in
     the middle of the step or validation the trainer is finishing before its checkpoint. Workers
-    still end with their loader, and with the trainer if it dies (PyTorch's worker watchdog).
+    still end with their loader, and with the trainer if it dies (`_release_worker_server`).
     """
     for name in ("SIGTERM", "SIGUSR1"):  # no SIGUSR1 on Windows
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _release_worker_server()
+
+
+def _release_worker_server() -> None:
+    """Close this worker's copy of the forkserver's keep-alive pipe (every child of the server holds
+    one, so that it could start processes of its own; a worker never does). The server then exits as
+    soon as the trainer is gone, however it ended (SIGKILL, OOM), and PyTorch's watchdog, which
+    watches the worker's parent (the server, not the trainer), ends the workers: no orphans."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
 
 
 def _kill_leftover_workers() -> None:

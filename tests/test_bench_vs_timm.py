@@ -57,7 +57,10 @@ def test_timm_is_told_the_backbones_normalisation_and_the_datasets_classes(vs_ti
     pre, n = vs_timm.backbone_inputs(vs_timm.dtl_config(args))
     assert n == len(CLASSES) and pre["input_size"] == [3, 160, 160]
     assert pre["mean"] == pre["std"] == [0.5] * 3 and pre["interpolation"] == "bicubic"  # EfficientNet-Lite's
-    args = _args("model.backbone=resnet18")
-    args.data, args.backbone = str(shard_dir), "resnet18"
-    pre, _ = vs_timm.backbone_inputs(vs_timm.dtl_config(args))
+    args = _args("model.backbone=resnet18.tv_in1k")
+    args.data, args.backbone = str(shard_dir), "resnet18.tv_in1k"
+    cfg = vs_timm.dtl_config(args)
+    pre, _ = vs_timm.backbone_inputs(cfg)
     assert pre["mean"] == [0.485, 0.456, 0.406] and pre["crop_pct"] == 1.0  # ImageNet's, the config's crop
+    flags = vs_timm.timm_args(cfg)
+    assert pre["interpolation"] == "bilinear" == flags[flags.index("--train-interpolation") + 1]  # as dtl trains

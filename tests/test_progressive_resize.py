@@ -54,9 +54,22 @@ def test_a_resumed_run_keeps_each_epochs_size_and_ends_where_an_uninterrupted_on
     assert train(Config.model_validate(cfg)).stopped
     cfg.update(stop_after_steps=None, resume="auto")
     train(Config.model_validate(cfg))
+    assert not list(Path(cfg["output_dir"]).glob("feature_cache/frozen-*"))  # head-only epoch 0 ran uncached, at 16 px
     sizes = lambda out: [r["train/img_size"] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
                          if "train/acc" in r]
     assert sizes(full["output_dir"]) == sizes(cfg["output_dir"]) == [16, 24, 32]
     a, b = (load_file(str(Path(c["output_dir"]) / "model.safetensors")) for c in (full, cfg))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_ramp_the_model_or_the_epochs_cannot_take_is_refused_before_anything_is_written(tmp_path, shard_dir):
+    from dtl.train import train
+
+    ramp = {"start_size": 16, "end_epoch": 2, "multiple": 8}
+    vit = tiny_config(tmp_path, shard_dir, **{"model.backbone": "test_vit", "data.progressive_resize": ramp})
+    with pytest.raises(ConfigError, match=r"test_vit does not take (16x16|24x24) inputs .* every size of the ramp must be one the backbone takes"):
+        train(Config.model_validate(vit))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="end_epoch=3 must be below epochs=3"):
+        Config.model_validate(tiny_config(tmp_path, shard_dir, **{"data.progressive_resize": {**ramp, "end_epoch": 3}}))

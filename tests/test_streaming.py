@@ -93,9 +93,11 @@ start_worker_server("forkserver", 2)
 s = ShardStream(SplitSource("test", [f"{sys.argv[1]}/test-{i}.tar" for i in range(3)], [4, 7, 2], 13), blank_image,
                 StreamOptions(classes=CLASSES, train=False), 0, 1, num_workers=2)
 before = sorted(k for b in make_loader(s, 2, 2) for k in b["key"])
-for _ in range(5):  # the signal lands as the next loader starts its workers (a dead server is restarted)
-    os.kill(forkserver._forkserver._forkserver_pid, signal.SIGTERM)  # as `timeout` or scancel signal the job
+server = forkserver._forkserver._forkserver_pid
+for _ in range(5):  # the signal lands as the next loader starts its workers
+    os.kill(server, signal.SIGTERM)  # as `timeout` or scancel signal the job
     assert sorted(k for b in make_loader(s, 2, 2) for k in b["key"]) == before
+assert forkserver._forkserver._forkserver_pid == server  # never killed (a dead one would be restarted)
 print(len(before), "ok")
 """
 
@@ -107,6 +109,50 @@ def test_the_worker_server_outlives_a_sigterm_so_the_next_loader_starts(uneven_s
     r = subprocess.run([sys.executable, "-c", _SIGNAL_THE_SERVER, str(uneven_shards), str(HERE)],
                        capture_output=True, text=True, timeout=100, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and r.stdout.split() == ["13", "ok"], r.stderr[-3000:]
+
+
+_OPEN_LOADER_THEN_WAIT = """
+import os, sys, time
+from multiprocessing import forkserver
+sys.path.insert(0, sys.argv[2])
+from conftest import CLASSES, blank_image
+from dtl.shard_stream import ShardStream, SplitSource, StreamOptions, make_loader, start_worker_server
+start_worker_server("forkserver", 2)
+s = ShardStream(SplitSource("test", [f"{sys.argv[1]}/test-{i}.tar" for i in range(3)], [4, 7, 2], 13), blank_image,
+                StreamOptions(classes=CLASSES, train=False), 0, 1, num_workers=2)
+it = iter(make_loader(s, 1, 2))
+next(it)
+print(forkserver._forkserver._forkserver_pid, *(w.pid for w in it._workers), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie waits for its reaper only
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_killed_trainer_leaves_no_worker_server_or_workers_behind(uneven_shards):
+    """SIGKILL (or the OOM killer) gives the trainer no chance to close its loaders: the server and
+    the workers of an open loader must still go, not keep each other alive."""
+    proc = subprocess.Popen([sys.executable, "-c", _OPEN_LOADER_THEN_WAIT, str(uneven_shards), str(HERE)],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 3 and all(_alive(p) for p in pids)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30  # PyTorch's worker watchdog looks every 5 s
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    left = [p for p in pids if _alive(p)]
+    for p in left:
+        os.kill(p, 9)
+    assert not left, f"still running after the trainer's SIGKILL: {left} (server first)"
 
 
 @contextlib.contextmanager
