@@ -73,3 +73,37 @@ def test_a_ramp_the_model_or_the_epochs_cannot_take_is_refused_before_anything_i
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="end_epoch=3 must be below epochs=3"):
         Config.model_validate(tiny_config(tmp_path, shard_dir, **{"data.progressive_resize": {**ramp, "end_epoch": 3}}))
+
+
+def test_a_compiled_model_gets_one_static_graph_per_training_size(tmp_path, shard_dir):
+    """model.compile with a ramp: Dynamo compiles each size as its own static graph (left alone, it
+    would make height and width symbolic at the second size, for the full-size epochs too), within
+    the recompile budget, and learns what eager learns."""
+    import logging
+
+    from torch._dynamo import register_backend
+
+    from dtl.train import train
+
+    graphs: list[bool] = []  # per graph compiled: does it take symbolic sizes?
+
+    @register_backend(name="dtl_test_shape_recorder")
+    def recorder(gm, example_inputs):
+        graphs.append(any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and
+                                                          any(isinstance(d, torch.SymInt) for d in x.shape))
+                          for x in example_inputs))
+        return gm.forward
+
+    warned: list[str] = []  # torch's loggers do not propagate to pytest's caplog
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("torch._dynamo.convert_frame").addHandler(handler)
+    extra = {"data.progressive_resize": {"start_size": 16, "end_epoch": 2, "multiple": 8},
+             "finetune.stages": [{"epoch": 0, "train": "all"}], "model.compile_backend": "dtl_test_shape_recorder"}
+    eager = train(Config.model_validate(tiny_config(tmp_path / "eager", shard_dir, **extra))).summary
+    compiled = train(Config.model_validate(tiny_config(tmp_path / "compiled", shard_dir, **extra,
+                                                       **{"model.compile": True}))).summary
+    logging.getLogger("torch._dynamo.convert_frame").removeHandler(handler)
+    assert len(graphs) >= 4 and not any(graphs), graphs  # 16, 24, 32 px training + evaluation, all static
+    assert not [m for m in warned if "recompile_limit" in m]
+    assert compiled["test/acc"] == pytest.approx(eager["test/acc"], abs=0.05)
