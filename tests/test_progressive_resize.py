@@ -81,7 +81,9 @@ def test_a_compiled_model_gets_one_static_graph_per_training_size(tmp_path, shar
     the recompile budget, and learns what eager learns."""
     import logging
 
+    import torch._dynamo
     from torch._dynamo import register_backend
+    from torch._dynamo.utils import counters
 
     from dtl.train import train
 
@@ -100,10 +102,14 @@ def test_a_compiled_model_gets_one_static_graph_per_training_size(tmp_path, shar
     logging.getLogger("torch._dynamo.convert_frame").addHandler(handler)
     extra = {"data.progressive_resize": {"start_size": 16, "end_epoch": 2, "multiple": 8},
              "finetune.stages": [{"epoch": 0, "train": "all"}], "model.compile_backend": "dtl_test_shape_recorder"}
-    eager = train(Config.model_validate(tiny_config(tmp_path / "eager", shard_dir, **extra))).summary
-    compiled = train(Config.model_validate(tiny_config(tmp_path / "compiled", shard_dir, **extra,
-                                                       **{"model.compile": True}))).summary
-    logging.getLogger("torch._dynamo.convert_frame").removeHandler(handler)
+    try:
+        eager = train(Config.model_validate(tiny_config(tmp_path / "eager", shard_dir, **extra))).summary
+        compiled = train(Config.model_validate(tiny_config(tmp_path / "compiled", shard_dir, **extra,
+                                                           **{"model.compile": True}))).summary
+    finally:  # leave no compiled code or counts to later tests
+        logging.getLogger("torch._dynamo.convert_frame").removeHandler(handler)
+        torch._dynamo.reset()
+        counters.clear()
     assert len(graphs) >= 4 and not any(graphs), graphs  # 16, 24, 32 px training + evaluation, all static
     assert not [m for m in warned if "recompile_limit" in m]
     assert compiled["test/acc"] == pytest.approx(eager["test/acc"], abs=0.05)
