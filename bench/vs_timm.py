@@ -5,9 +5,10 @@ epoch and time to reach timm's final test accuracy.
 
 Both tools get the quickstart split (dtl's shards; exported once as an ImageFolder tree for timm),
 the same backbone and the same offline ImageNet tensors (timm through `--pretrained-path`, its head
-reset to the dataset's classes), the same resolution, interpolation and normalisation, batch size, epoch budget, optimizer (AdamW, cosine, the
-config's rate, weight decay and label smoothing), flips, crop scale and ratio, `channels_last` and
-data workers: timm's arguments are read from dtl's config (with `--dtl-set` applied).
+reset to the dataset's classes), the same resolution, interpolation and normalisation, batch size,
+epoch budget, optimizer (AdamW, cosine, the config's rate, weight decay and label smoothing), flips,
+crop scale and ratio, `channels_last` and data workers: timm's arguments are read from dtl's config
+(with `--dtl-set` applied) and dtl's preprocessing for the backbone.
 dtl runs its quickstart config as a user would (its plan: the probe, then every layer fine-tuned);
 timm runs a plain fine-tune of every layer, its usual recipe. The tools alternate (dtl, timm, dtl,
 timm, ...) so that a slow spell of the shared machine hits both.
@@ -120,12 +121,12 @@ def backbone_inputs(cfg) -> tuple[dict, int]:
     return backbone_preprocessing(cfg), len(run_classes(cfg.data))
 
 
-def timm_args(cfg) -> list[str]:
-    """timm train.py's flags for the settings of dtl's config: the same recipe in both tools. timm's
-    warmup counts whole epochs (1 here; dtl's config may say 0.5)."""
+def timm_args(cfg, pre: dict) -> list[str]:
+    """timm train.py's flags for the settings of dtl's config and its preprocessing `pre`: the same
+    recipe in both tools. timm's warmup counts whole epochs (1 here; dtl's config may say 0.5)."""
     d, aug, o = cfg.data, cfg.data.augment, cfg.optim
     flags = ["--batch-size", str(d.batch_size), "--validation-batch-size", str(d.batch_size),
-             "--workers", str(d.num_workers), "--train-interpolation", backbone_preprocessing(cfg)["interpolation"],
+             "--workers", str(d.num_workers), "--train-interpolation", pre["interpolation"],
              "--opt", o.name, "--momentum", str(o.momentum), "--lr", str(o.lr),
              "--weight-decay", str(o.weight_decay), "--sched", o.schedule,
              "--min-lr", str(o.lr * o.min_lr_ratio), "--smoothing", str(o.label_smoothing),
@@ -151,7 +152,7 @@ def run_timm(args, out: Path, folder: Path, weights: Path, env: dict) -> dict:
            "--num-classes", str(args.num_classes), "--img-size", str(args.img_size),
            "--mean", *map(str, args.pre["mean"]), "--std", *map(str, args.pre["std"]),
            "--interpolation", args.pre["interpolation"], "--epochs", str(args.epochs), "--sched-on-updates", "--warmup-epochs", "1",
-           "--warmup-lr", "1e-5", *timm_args(args.cfg), "--channels-last",
+           "--warmup-lr", "1e-5", *timm_args(args.cfg, args.pre), "--channels-last",
            "--checkpoint-hist", str(args.epochs + 1), "--log-interval", "10", "--seed", str(args.seed),
            "--output", str(out), "--experiment", "run", "--device", "cuda" if torch.cuda.is_available() else "cpu"]
     w = ProcessWatch(cmd, out.parent / f"{out.name}.log", env, REPO)
@@ -188,15 +189,13 @@ def load_weights(backbone: str, path: str, num_classes: int) -> torch.nn.Module:
 
 def test_metrics(model: torch.nn.Module, folder: Path, pre: dict) -> dict:
     """Accuracy and macro-F1 on the test split, one eval transform (dtl's for the backbone) for both tools."""
-    import timm.data
     from torchvision.datasets import ImageFolder
 
     from dtl.classification_metrics import confusion_update, summarize
+    from dtl.data_pipeline import build_transform
+    from dtl.run_config import AugmentConfig
 
-    tf = timm.data.create_transform(tuple(pre["input_size"]), interpolation=pre["interpolation"],
-                                    mean=tuple(pre["mean"]), std=tuple(pre["std"]), crop_pct=pre["crop_pct"],
-                                    crop_mode=pre.get("crop_mode"))
-    ds = ImageFolder(str(folder / "test"), transform=tf)
+    ds = ImageFolder(str(folder / "test"), transform=build_transform(pre, False, AugmentConfig()))
     cm = torch.zeros(len(ds.classes), len(ds.classes), dtype=torch.long)
     with torch.inference_mode():
         for x, y in torch.utils.data.DataLoader(ds, batch_size=64, num_workers=2):

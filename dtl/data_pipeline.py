@@ -123,6 +123,13 @@ def training_sizes(final: int, ramp: Optional[ProgressiveResizeConfig], epochs: 
     return list(dict.fromkeys(train_size_at(e, final, ramp) for e in range(epochs)))
 
 
+def check_ramp_bounds(ramp: Optional[ProgressiveResizeConfig], final: int) -> None:
+    """A ramp grows toward the input size, never past it."""
+    if ramp is not None and ramp.start_size > final:
+        raise ConfigError(f"data.progressive_resize.start_size={ramp.start_size} is larger than the input "
+                          f"size {final} (data.img_size) it grows to")
+
+
 def check_training_sizes(model: torch.nn.Module, backbone: str, final: int,
                          ramp: Optional[ProgressiveResizeConfig], epochs: int) -> None:
     """Refuse a ramp the model cannot take, before anything is written: a backbone with a fixed
@@ -130,9 +137,7 @@ def check_training_sizes(model: torch.nn.Module, backbone: str, final: int,
     first batch, after the probe. One blank image per size, in eval mode."""
     if ramp is None:
         return
-    if ramp.start_size > final:
-        raise ConfigError(f"data.progressive_resize.start_size={ramp.start_size} is larger than the input "
-                          f"size {final} (data.img_size) it grows to")
+    check_ramp_bounds(ramp, final)
     p = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -199,9 +204,7 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
     retry = RetryPolicy(d.retries, d.retry_max_s, d.read_timeout_s, log=retry_log, cache=cache)
     index = read_index(d.root)
     size = pre["input_size"][-1]
-    if d.progressive_resize is not None and d.progressive_resize.start_size > size:
-        raise ConfigError(f"data.progressive_resize.start_size={d.progressive_resize.start_size} is larger than "
-                          f"the input size {size} (data.img_size) it grows to")
+    check_ramp_bounds(d.progressive_resize, size)  # also for callers without a model (lr-find)
 
     def train_transform(at: int) -> Callable:
         return build_transform({**pre, "input_size": (pre["input_size"][0], at, at)}, True, d.augment,

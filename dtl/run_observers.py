@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Optional
 
@@ -282,11 +283,9 @@ def _ramp_line(run) -> str:
     """Progressive resizing: the training sizes epoch by epoch, sizes in a row collapsed."""
     if run.data.ramp is None:
         return ""
-    sizes = [run.data.train_size(e) for e in range(run.cfg.epochs)]
-    runs = []
-    for e, s in enumerate(sizes):
-        if runs and runs[-1][2] == s:
-            runs[-1][1] = e + 1
-        else:
-            runs.append([e + 1, e + 1, s])
-    return "; training sizes " + ", ".join(f"epochs {a}-{b}: {s}" if a != b else f"epoch {a}: {s}" for a, b, s in runs)
+    parts, first = [], 1
+    for size, same in groupby(run.data.train_size(e) for e in range(run.cfg.epochs)):
+        last = first + len(list(same)) - 1
+        parts.append(f"epochs {first}-{last}: {size}" if last != first else f"epoch {first}: {size}")
+        first = last + 1
+    return "; training sizes " + ", ".join(parts)

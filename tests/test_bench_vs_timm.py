@@ -25,7 +25,8 @@ def _args(*dtl_set: str) -> argparse.Namespace:
 
 
 def test_timm_flags_follow_the_quickstart_config(vs_timm):
-    flags = vs_timm.timm_args(vs_timm.dtl_config(_args()))
+    cfg = vs_timm.dtl_config(_args())
+    flags = vs_timm.timm_args(cfg, vs_timm.backbone_preprocessing(cfg))
     pairs = dict(zip(flags[::2], flags[1::2]))
     assert pairs["--batch-size"] == "32" and pairs["--workers"] == "2" and pairs["--opt"] == "adamw"
     assert float(pairs["--lr"]) == 1e-3 and float(pairs["--weight-decay"]) == 0.01 and pairs["--sched"] == "cosine"
@@ -33,7 +34,8 @@ def test_timm_flags_follow_the_quickstart_config(vs_timm):
     assert float(pairs["--hflip"]) == 0.5 and float(pairs["--vflip"]) == 0.5 and float(pairs["--crop-pct"]) == 1.0
     scale = flags[flags.index("--scale") + 1:flags.index("--scale") + 3]
     assert [float(v) for v in scale] == [0.9, 1.0]
-    more = vs_timm.timm_args(vs_timm.dtl_config(_args("data.augment.mixup=0.2", "optim.clip_grad_norm=1.0")))
+    more = vs_timm.timm_args(vs_timm.dtl_config(_args("data.augment.mixup=0.2", "optim.clip_grad_norm=1.0")),
+                             vs_timm.backbone_preprocessing(cfg))
     assert more[more.index("--mixup") + 1] == "0.2" and more[more.index("--clip-grad") + 1] == "1.0"
 
 
@@ -62,5 +64,5 @@ def test_timm_is_told_the_backbones_normalisation_and_the_datasets_classes(vs_ti
     cfg = vs_timm.dtl_config(args)
     pre, _ = vs_timm.backbone_inputs(cfg)
     assert pre["mean"] == [0.485, 0.456, 0.406] and pre["crop_pct"] == 1.0  # ImageNet's, the config's crop
-    flags = vs_timm.timm_args(cfg)
+    flags = vs_timm.timm_args(cfg, pre)
     assert pre["interpolation"] == "bilinear" == flags[flags.index("--train-interpolation") + 1]  # as dtl trains
