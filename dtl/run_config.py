@@ -360,6 +360,9 @@ def _format(err: ValidationError) -> str:
             lines.append(f"  {key}: unknown key{hint}; valid keys here: {', '.join(valid)}")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a check across keys: its
+            msg = e["msg"].removeprefix("Value error, ")                       # message names them
+            lines.append(f"  {key}: {msg}" if key else f"  {msg}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

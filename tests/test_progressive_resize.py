@@ -113,3 +113,15 @@ def test_a_compiled_model_gets_one_static_graph_per_training_size(tmp_path, shar
     assert len(graphs) >= 4 and not any(graphs), graphs  # 16, 24, 32 px training + evaluation, all static
     assert not [m for m in warned if "recompile_limit" in m]
     assert compiled["test/acc"] == pytest.approx(eager["test/acc"], abs=0.05)
+
+
+def test_a_check_across_keys_reads_as_one_line_naming_them():
+    """Cross-key checks (a Config validator) print their message, not pydantic's dump of the config."""
+    from dtl.run_config import load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(Path(__file__).parents[1] / "configs" / "quickstart.yaml",
+                    ["data.progressive_resize.start_size=128", "data.progressive_resize.end_epoch=20"])
+    assert str(e.value).splitlines()[1] == (
+        "  data.progressive_resize.end_epoch=20 must be below epochs=10 (0-based): training would never reach "
+        "data.img_size, the size it is validated and tested at")
