@@ -410,9 +410,11 @@ def _ignore_stop_signals(worker_id: int) -> None:
     the middle of the step or validation the trainer is finishing before its checkpoint. Workers
     still end with their loader, and with the trainer if it dies (`_release_worker_server`).
     """
-    for name in ("SIGTERM", "SIGUSR1"):  # no SIGUSR1 on Windows
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    stop = [getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]  # no SIGUSR1 on Windows
+    for sig in stop:
+        signal.signal(sig, signal.SIG_IGN)  # discards one that arrived while the server's mask held it
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
     _release_worker_server()
 
 

@@ -10,6 +10,11 @@ keep-alive pipe is gone, and the workers close theirs as they start
 """
 import signal
 
-for _name in ("SIGTERM", "SIGUSR1"):  # no SIGUSR1 on Windows (nor a forkserver)
-    if hasattr(signal, _name):
-        signal.signal(getattr(signal, _name), signal.SIG_IGN)
+STOP_SIGNALS = [getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]  # no SIGUSR1 on Windows
+
+for _sig in STOP_SIGNALS:
+    signal.signal(_sig, signal.SIG_IGN)
+# Also blocked, and the workers inherit the mask: PyTorch's worker loop installs its own SIGTERM
+# handler (which dies on a signal not from its parent) before `worker_init_fn` can ignore it again;
+# blocked, a signal sent in that window waits, and the worker's SIG_IGN then discards it.
+signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
