@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -41,6 +42,7 @@ def binary(confusion: list[list[int]]) -> dict:
 
 def launch(args, seed: int, log: Path) -> tuple[subprocess.Popen, float]:
     out = Path(args.out) / f"seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)  # the bench's own run of this seed: measured afresh
     cmd = [sys.executable, "dtl/train.py", "--config", args.config, f"output_dir={out}", f"seed={seed}",
            f"data.root={args.data}", "wandb.enabled=false", "resume=never", *args.set]
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT), time.time()
@@ -70,7 +72,7 @@ def main() -> None:
     p.add_argument("--data", default="data/elpv")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--parallel", type=int, default=1)
-    p.add_argument("--set", nargs="*", default=[])
+    p.add_argument("--set", nargs="*", action="extend", default=[], help="overrides (may repeat)")
     p.add_argument("--out", default="runs/bench-elpv-best")
     p.add_argument("--json")
     args = p.parse_args()

@@ -3,9 +3,10 @@
 #   python bench/pack_for_device.py && tar czf .gpu/elpv_webp.tgz -C .gpu elpv_webp   # 30 MB of data
 #   (wheels of what the machine lacks in .whl/, see the device tool's README)
 #   run: bash bench/gpu_session.sh   carry: [.whl, .gpu/elpv_webp.tgz]
-# Results land in $OUT: elpv_best.json (configs/elpv_best.yaml, 3 seeds), gpu_throughput.json,
-# step_time.txt and the logs. SMOKE=1 runs everything tiny on a CPU to check the script;
-# ONLY=throughput runs section 2 alone (MODELS="..." to choose the models).
+# Results land in $OUT: gpu_tests.txt, gpu_throughput.json, elpv_best.json (configs/elpv_best.yaml,
+# 3 seeds, BEST_SET="key=value ..." for overrides), step_time.txt (STEP_TIME=1) and the logs, all
+# within DEADLINE (570 s) of the start. SMOKE=1 runs everything tiny on a CPU to check the script;
+# ONLY=throughput runs section 1 alone (MODELS="..." to choose the models).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 if [ -d .whl ] && [ "${SMOKE:-0}" != 1 ]; then  # SMOKE: this machine's packages
@@ -21,6 +22,9 @@ python3 -c "import torch, timm, accelerate, webdataset, pydantic, omegaconf, eff
 print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())" \
   || exit 1
 t0=$(date +%s)
+left() { echo $(( ${DEADLINE:-570} - ($(date +%s) - t0) )); }  # seconds left of the call's budget
+# 0. the GPU-only tests (the side-stream prefetch of the next batch)
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_device_batches.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
 if [ "${SMOKE:-0}" = 1 ]; then
   best=(--seeds 0 1 --parallel 2 --set mixed_precision=no epochs=1 max_steps_per_epoch=2 data.img_size=64
         data.num_workers=1 finetune.probe.epochs=2)
@@ -28,20 +32,27 @@ if [ "${SMOKE:-0}" = 1 ]; then
   steps=(--size 64 --batch 8 --steps 2)
 else
   best=(--seeds 0 1 2 --parallel 3)
-  tput=(--models ${MODELS:-resnet50 tf_efficientnet_lite0 vit_small_patch16_224} --size 224 --batch 128 --workers 12)
+  tput=(--models ${MODELS:-tf_efficientnet_lite0 vit_small_patch16_224 resnet50} --size 224 --batch 128 --workers 12)
   steps=(--size 224 --batch 128 --steps 10)
 fi
-if [ "${ONLY:-}" != throughput ]; then
-# 1. configs/elpv_best.yaml, three seeds sharing the GPU (2 intra-op threads each: 16 cores, 12 loader workers)
-OMP_NUM_THREADS=2 timeout 300 python3 bench/elpv_best.py --data /tmp/elpv_webp "${best[@]}" \
-  --json "$OUT/elpv_best.json" 2>&1 | grep -v Warning | tee "$OUT/elpv_best.log" | grep -E "^seed|test/acc" 
-echo "elpv_best: $(( $(date +%s) - t0 )) s"
-fi
-# 2. throughput: model-only bound, loader, dtl and timm train.py, three models
-timeout ${TPUT_LIMIT:-220} python3 bench/gpu_throughput.py --data /tmp/elpv_webp "${tput[@]}" --json "$OUT/gpu_throughput.json" \
+# 1. throughput: model-only bound, loader, dtl and timm train.py, three models (JSON written after each)
+timeout ${TPUT_LIMIT:-280} python3 bench/gpu_throughput.py --data /tmp/elpv_webp "${tput[@]}" --json "$OUT/gpu_throughput.json" \
   2>&1 | grep -v Warning | tee "$OUT/gpu_throughput.log" | grep -E "^(resnet|tf_eff|vit)"
 echo "throughput: $(( $(date +%s) - t0 )) s"
 [ "${ONLY:-}" = throughput ] && exit 0
-# 3. frozen stages' step time against all-trainable (fp32)
-timeout 40 python3 bench/step_time.py "${steps[@]}" 2>&1 | tee "$OUT/step_time.txt"
+# 2. configs/elpv_best.yaml (BEST_SET: overrides), three seeds sharing the GPU (2 intra-op threads each:
+#    16 cores, 12 loader workers), in what is left of the call (a cut-off run writes no JSON, only logs)
+if [ "$(left)" -gt 150 ]; then
+  set -f  # BEST_SET's values may hold brackets (crop_scale=[0.9,1.0]): no globbing
+  OMP_NUM_THREADS=2 timeout "$(left)" python3 bench/elpv_best.py --data /tmp/elpv_webp "${best[@]}" ${BEST_SET:+--set $BEST_SET} \
+    --json "$OUT/elpv_best.json" 2>&1 | grep -v Warning | tee "$OUT/elpv_best.log" | grep -E "^seed|test/acc"
+  set +f
+  echo "elpv_best: $(( $(date +%s) - t0 )) s"
+else
+  echo "elpv_best: skipped, $(left) s left"
+fi
+# 3. frozen stages' step time against all-trainable (fp32), when asked for
+if [ "${STEP_TIME:-0}" = 1 ]; then
+  timeout 40 python3 bench/step_time.py "${steps[@]}" 2>&1 | tee "$OUT/step_time.txt"
+fi
 echo "all: $(( $(date +%s) - t0 )) s"

@@ -188,6 +188,7 @@ def dtl_config(args, name: str, data: Path, out: Path) -> Path:
 
 
 def run_dtl(cfg_path: Path, log: Path) -> dict:
+    shutil.rmtree(yaml.safe_load(cfg_path.read_text())["output_dir"], ignore_errors=True)  # the bench's own run
     t = time.time()
     r = subprocess.run([sys.executable, "dtl/train.py", "--config", str(cfg_path)], cwd=REPO, stdout=open(log, "w"),
                        stderr=subprocess.STDOUT)

@@ -4,7 +4,9 @@ Used by the benches that put dtl beside timm (bench/vs_timm.py, bench/gpu_throug
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -17,16 +19,19 @@ def export_imagefolder(root: Path, out: Path, splits: Optional[Iterable[str]] = 
     finished tree is marked `.complete` and reused; returns the samples per split."""
     from dtl.shard_stream import iter_tar_samples
 
-    index = json.loads((root / "dataset.json").read_text())
+    text = (root / "dataset.json").read_text()
+    index = json.loads(text)
+    source = hashlib.sha256(text.encode()).hexdigest()[:16]  # a tree of other shards is never reused
     wanted = list(splits or index["splits"])
     done = out / ".complete"
     if done.exists():
         try:
             marked = json.loads(done.read_text())
-            if isinstance(marked, dict) and set(wanted) <= set(marked):
+            if isinstance(marked, dict) and marked.pop("source", None) == source and set(wanted) <= set(marked):
                 return marked
         except ValueError:
             pass  # an older, empty marker: export again
+    shutil.rmtree(out, ignore_errors=True)
     classes = index.get("classes") or []
     counts: dict[str, int] = {}
     for split in wanted:
@@ -41,5 +46,5 @@ def export_imagefolder(root: Path, out: Path, splits: Optional[Iterable[str]] = 
                 dst.write_bytes(s[ext])
                 n += 1
         counts[split] = n
-    done.write_text(json.dumps(counts))
+    done.write_text(json.dumps({**counts, "source": source}))
     return counts

@@ -50,7 +50,8 @@ def test_all(out: Path) -> list[dict]:
     from dtl.classification_metrics import confusion_update, summarize
     from dtl.data_pipeline import build_transform
     from dtl.dataset_index import read_index, resolve_classes, split_source
-    from dtl.evaluation import as_input, predict_logits
+    from dtl.device_batches import as_input
+    from dtl.evaluation import predict_logits
     from dtl.run_config import AugmentConfig, load_config
     from dtl.shard_stream import ShardStream, StreamOptions, make_loader
 

@@ -15,7 +15,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from dtl.classification_metrics import confusion_update, summarize
-from dtl.data_pipeline import Data, DeviceNormalize
+from dtl.data_pipeline import Data
+from dtl.device_batches import on_device
 from dtl.parallel_strategy import ParallelStrategy, gather_rows
 from dtl.shard_stream import ShardStream
 
@@ -39,22 +40,6 @@ class EvalResult:
 def progress_bars_off(accelerator: Accelerator) -> bool:
     """Progress bars on the local main process of an interactive terminal only, not in job logs."""
     return not (accelerator.is_local_main_process and sys.stderr.isatty())
-
-
-def as_input(x: torch.Tensor, device: torch.device, channels_last: bool,
-             normalize: Optional[DeviceNormalize] = None) -> torch.Tensor:
-    """An image batch on the device, channels-last when the model is (a copy inside every conv otherwise);
-    a uint8 batch is copied as uint8 and normalised there."""
-    if x.dtype == torch.uint8:
-        if normalize is None:
-            raise ValueError("a uint8 image batch needs its normalisation (Data.normalize)")
-        x = x.to(device, non_blocking=True)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return normalize(x)
-    if channels_last and x.dim() == 4:
-        return x.to(device, memory_format=torch.channels_last, non_blocking=True)
-    return x.to(device, non_blocking=True)
 
 
 def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
@@ -94,17 +79,17 @@ def evaluate(accelerator: Accelerator, strategy: ParallelStrategy, model: torch.
     keys: list[str] = []
     labels, probs = [], []
     source = data.loader(stream) if cached is None else cached[0]
-    batches = iter(tqdm(source, desc=split, leave=False, disable=progress_bars_off(accelerator)))
+    batches = on_device(tqdm(source, desc=split, leave=False, disable=progress_bars_off(accelerator)), dev,
+                        channels_last, data.normalize)
     with torch.no_grad():
         while True:
-            batch = next(batches, None)
+            x, y, batch = next(batches, (None, None, None))
             if not strategy.more_batches(batch is not None):
                 break
             if batch is None:  # FSDP: this rank is done, the others still need it in their forwards
                 with accelerator.autocast():
                     predict_logits(net, torch.zeros(1, *input_size, device=dev), tta)
                 continue
-            x, y = as_input(batch["image"], dev, channels_last, data.normalize), batch["label"].to(dev)
             with accelerator.autocast():
                 logits = predict_logits(net, x, tta)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()

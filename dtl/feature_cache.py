@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtl.backbones import head_name
-from dtl.evaluation import as_input
+from dtl.device_batches import as_input
 from dtl.shard_stream import ShardStream, iter_tar_samples
 
 

@@ -19,7 +19,7 @@ import torch
 from dtl.run_finish import model_build
 from dtl.backbones import create_classifier, preprocessing
 from dtl.data_pipeline import build_data, prepare_shards, run_classes
-from dtl.evaluation import as_input
+from dtl.device_batches import as_input
 from dtl.finetune_plan import FinetunePlan, freeze_batchnorm, set_trainable
 from dtl.layer_groups import layer_groups
 from dtl.optimization import param_groups

@@ -2,7 +2,9 @@
 
 The handler only sets a flag; the training loop checks it after each optimizer step, writes a
 checkpoint and leaves. Ranks agree on the flag with one all-reduce, so they all stop at the same
-step even when the signal reaches them at different moments.
+step even when the signal reaches them at different moments. That all-reduce runs on the CPU
+(over a gloo group beside NCCL): reading a flag reduced on the GPU would make every step wait
+for the GPU to finish, and the host could never queue the next step while this one computes.
 """
 from __future__ import annotations
 
@@ -14,12 +16,16 @@ import sys
 import threading
 
 import torch
+import torch.distributed
 
 
 class PreemptionHandler:
     def __init__(self, accelerator, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
         self.accelerator = accelerator
         self.received: int | None = None
+        self._group = None  # the default group when it is already gloo (CPU ranks)
+        if accelerator.num_processes > 1 and torch.distributed.get_backend() != "gloo":
+            self._group = torch.distributed.new_group(backend="gloo")  # every rank builds it here, together
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 signal.signal(sig, self._handle)
@@ -32,8 +38,9 @@ class PreemptionHandler:
         flag = self.received is not None
         if self.accelerator.num_processes == 1:
             return flag
-        t = torch.tensor(int(flag), device=self.accelerator.device)
-        return bool(self.accelerator.reduce(t, "max"))
+        t = torch.tensor(int(flag))
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._group)
+        return bool(t)
 
     def requeue(self) -> None:
         """Under Slurm, put the job back in the queue; it resumes from the checkpoint on restart.

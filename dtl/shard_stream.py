@@ -6,8 +6,9 @@ How an epoch is cut (the stream's epoch contract, docs/architecture.md):
      0..N-1 and every (rank, worker) slot reads one contiguous range of them. Training gives each
      slot exactly N // slots samples (the last N % slots of the order are dropped: fewer than
      ranks x workers samples, different ones each epoch), so every rank takes the same number of
-     batches and no all-reduce waits forever. Evaluation gives slots ranges that differ by at
-     most one sample, so every sample is evaluated exactly once.
+     batches and no all-reduce waits forever; a slot decodes only the whole batches of them.
+     Evaluation gives slots ranges that differ by at most one sample, so every sample is
+     evaluated exactly once.
   3. Without counts, shards are dealt round-robin to slots as webdataset's split_by_node +
      split_by_worker would, and each slot reads its shards in a loop until it has N // slots
      samples (N stated in the config); with fewer shards than slots each slot reads every shard
@@ -172,6 +173,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
         self.epoch = 0
+        self.batch_size = 1
         self.skip_per_worker: list[int] = [0] * self.num_workers
         self.worker_offset = 0
         self.slots = self.world_size * self.num_workers
@@ -185,8 +187,11 @@ class ShardStream(IterableDataset):
 
     # -- epoch bookkeeping ---------------------------------------------------------------
     def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
-        """Select the epoch; skip the first `skip_batches` batches the loader already delivered."""
+        """Select the epoch; skip the first `skip_batches` batches the loader already delivered.
+        In training, each slot then decodes whole batches of `batch_size` only: the loader would
+        drop the rest (decoding them cost 16 % of the work at 12 workers x 128 on ELPV's 7,340)."""
         self.epoch = epoch
+        self.batch_size = batch_size
         w = self.num_workers
         self.skip_per_worker = [math.ceil(max(0, skip_batches - i) / w) * batch_size for i in range(w)]
         # The DataLoader takes batches round-robin starting at worker 0: on resume, loader worker i
@@ -344,6 +349,10 @@ class ShardStream(IterableDataset):
         self._errors = 0
         slot = self._slot()
         own, fill, target = self._raw(slot)
+        if self.opt.train:  # decode no more than whole batches: the loader's drop_last throws the rest away
+            target -= target % self.batch_size
+            if target == 0:
+                return
         if self.opt.train and self.opt.repeats:
             own, fill = self._resampled(own), self._resampled(fill, "+")
         if self.opt.train and self.opt.shuffle_buffer > 1:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dtl.evaluation import as_input, progress_bars_off
+from dtl.device_batches import on_device
+from dtl.evaluation import progress_bars_off
 from dtl.feature_cache import average_head_grads, head_forward
 from dtl.optimization import group_lrs
 
@@ -45,13 +46,12 @@ def batches(run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Calla
     if run.features is not None and run.features.applies(epoch):
         forward = head_forward(run)
         for x, y in run.features.batches(epoch, run.state.batch_in_epoch):
-            yield x.to(dev), y.to(dev), forward, True
+            yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), forward, True
         return
     run.data.resize_train(epoch)
     run.data.train.set_epoch(epoch, skip_batches=run.state.batch_in_epoch, batch_size=run.data.batch_size)
-    for batch in run.data.loader(run.data.train):
-        x = as_input(batch["image"], dev, run.cfg.model.channels_last, run.data.normalize)
-        yield x, batch["label"].to(dev), run.model, False
+    for x, y, _ in on_device(run.data.loader(run.data.train), dev, run.cfg.model.channels_last, run.data.normalize):
+        yield x, y, run.model, False
 
 
 def train_one_epoch(run, epoch: int) -> EpochStats:
