@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -103,6 +104,7 @@ def run_all(args, rows: list[dict], pending: list[int]) -> None:
                             json.loads(x) for x in metrics.read_text().splitlines() if '"train/acc"' in x]})
                 raise
             rows.append(row(args, s, time.time() - t0, rc, Path(args.out) / f"seed{s}.log"))
+            write(args, rows, quiet=True)  # after every seed: a call cut short keeps what finished
             r = rows[-1]
             print(f"seed {s}: " + (f"test acc {r['test/acc']:.4f} macro-F1 {r['test/macro_f1']:.4f} binary acc "
                                    f"{r['binary']['acc']:.4f} best epoch {r['best_epoch']} ({r['best_weights']}) "
@@ -110,15 +112,25 @@ def run_all(args, rows: list[dict], pending: list[int]) -> None:
                   flush=True)
 
 
-def write(args, rows: list[dict]) -> None:
+def gpu_name() -> Optional[str]:
+    """The GPU's name without initialising CUDA here (seconds, at the end of a timed call)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0] if out else None
+
+
+def write(args, rows: list[dict], quiet: bool = False) -> None:
     ok = [r for r in rows if r["rc"] == 0]
     summary = {k: spread([r[k] for r in ok]) for k in ("test/acc", "test/macro_f1", "test_final/acc", "wall_s")} if ok else {}
     if ok:
         summary["binary/acc"] = spread([r["binary"]["acc"] for r in ok])
-        print(" | ".join(f"{k} {v['mean']:.4f} ± {v['sd']:.4f}" for k, v in summary.items()))
+        if not quiet:
+            print(" | ".join(f"{k} {v['mean']:.4f} ± {v['sd']:.4f}" for k, v in summary.items()))
     result = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": gpu_name()},
               "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__,
                            "python": platform.python_version()},
               "config": Path(args.config).read_text(), "overrides": args.set, "parallel": args.parallel,

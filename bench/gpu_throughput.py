@@ -199,6 +199,7 @@ def run_dtl(cfg_path: Path, log: Path) -> dict:
     epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train/img_per_s"' in x]
     return {"rc": 0, "wall_s": wall, "img_per_s": epochs[-1]["train/img_per_s"],
             "img_per_s_per_epoch": [e["train/img_per_s"] for e in epochs],
+            "first_batch_s_per_epoch": [e.get("train/first_batch_s") for e in epochs],
             "gpu_peak_mem_gb": epochs[-1].get("sys/gpu_peak_mem_gb"),
             "host_peak_rss_gb": epochs[-1].get("sys/host_peak_rss_gb")}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import closing
 from pathlib import Path
 from typing import Optional
 
@@ -46,8 +47,8 @@ def lr_range_test(cfg: Config, stage_index: int = 0, start_lr: float = 1e-7, end
     ratios = [pg["lr"] / plan.group_lrs[-1] for pg in pgs]
     optimizer = torch.optim.AdamW(pgs, lr=start_lr)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    data = build_data(cfg, pre, classes, 0, 1, error_log=None)
-    lrs, losses = _sweep(model, plan, trainable, data, optimizer, ratios, criterion, start_lr, end_lr, steps, cfg)
+    with closing(build_data(cfg, pre, classes, 0, 1, error_log=None)) as data:
+        lrs, losses = _sweep(model, plan, trainable, data, optimizer, ratios, criterion, start_lr, end_lr, steps, cfg)
     suggested = _steepest(lrs, losses)
     result = {"stage": stage_index, "lrs": lrs, "losses": losses, "suggested_lr": suggested,
               "trainable_groups": [g.name for g, on in zip(groups, trainable) if on]}

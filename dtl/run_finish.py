@@ -132,7 +132,7 @@ def epoch_record(run, stats, val: Optional[EvalResult], val_ema: Optional[EvalRe
     record = {"train/loss": stats.loss, "train/acc": stats.acc, "stage": run.state.stage,
               "trainable_params": run.strategy.count_trainable(run.model, run.plan, run.stage),
               "epoch_time_s": stats.seconds, "train/img_per_s": stats.images / max(1e-9, stats.seconds),
-              **stats.lrs}
+              "train/first_batch_s": stats.first_batch_s, **stats.lrs}
     if run.data.ramp is not None:
         record["train/img_size"] = run.data.train_size(run.state.epoch)
     record.update(memory_record(run.accelerator.device))

@@ -172,10 +172,10 @@ class ShardStream(IterableDataset):
         self.source, self.transform, self.opt = source, transform, options
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
-        self.epoch = 0
+        # What set_epoch chooses, in shared memory: a loader's persistent workers hold a copy of this
+        # stream made when they started, and read the epoch, batch size and resume skip from here.
+        self._state = torch.zeros(3 + self.num_workers, dtype=torch.int64).share_memory_()
         self.batch_size = 1
-        self.skip_per_worker: list[int] = [0] * self.num_workers
-        self.worker_offset = 0
         self.slots = self.world_size * self.num_workers
         if options.train and source.total // self.slots == 0:
             raise DataError(f"split {source.name!r} has {source.total} samples, fewer than "
@@ -185,7 +185,26 @@ class ShardStream(IterableDataset):
                           f"slots; every slot reads every shard and keeps every {self.slots}-th sample "
                           f"(exact, but reads the data {self.slots} times). Write more shards.")
 
-    # -- epoch bookkeeping ---------------------------------------------------------------
+    # -- epoch bookkeeping (shared with the workers) ----------------------------------------
+    epoch = property(lambda self: int(self._state[0]), lambda self, v: self._state.__setitem__(0, v))
+    batch_size = property(lambda self: int(self._state[1]), lambda self, v: self._state.__setitem__(1, v))
+    worker_offset = property(lambda self: int(self._state[2]), lambda self, v: self._state.__setitem__(2, v))
+
+    @property
+    def skip_per_worker(self) -> list[int]:
+        return self._state[3:].tolist()
+
+    @skip_per_worker.setter
+    def skip_per_worker(self, skips: list[int]) -> None:
+        self._state[3:] = torch.tensor(skips, dtype=torch.int64)
+
+    def __copy__(self) -> "ShardStream":
+        """A copy with epoch state of its own (the feature cache's keyed view of the training stream)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._state = self._state.clone().share_memory_()
+        return new
+
     def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
         """Select the epoch; skip the first `skip_batches` batches the loader already delivered.
         In training, each slot then decodes whole batches of `batch_size` only: the loader would
@@ -458,16 +477,26 @@ _exit_hook = False
 
 
 def make_loader(stream: ShardStream, batch_size: int, num_workers: int,
-                start_method: str = "forkserver") -> DataLoader:
-    """A DataLoader over the stream; training drops each worker's last partial batch."""
+                start_method: str = "forkserver", persistent: bool = False) -> DataLoader:
+    """A DataLoader over the stream; training drops each worker's last partial batch. `persistent`:
+    the workers outlive an epoch and start the next from the stream's shared epoch state."""
     global _exit_hook
     if num_workers and not _exit_hook:  # registered after multiprocessing's hook, so it runs before it
         atexit.register(_kill_leftover_workers)
         _exit_hook = True
     return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                       drop_last=stream.opt.train, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, worker_init_fn=_ignore_stop_signals if num_workers else None,
+                      persistent_workers=persistent and num_workers > 0,
+                      worker_init_fn=_ignore_stop_signals if num_workers else None,
                       multiprocessing_context=_worker_context(start_method) if num_workers else None)
+
+
+def close_loader(loader: DataLoader) -> None:
+    """End a persistent loader's workers now (they ignore SIGTERM, so they are asked to leave)."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
 
 
 def batches_per_epoch(stream: ShardStream, batch_size: int) -> int:

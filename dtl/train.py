@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -35,29 +36,30 @@ def train(cfg: Config, observers: Sequence[Observer] = ()) -> RunResult:
     if done is not None:
         return done
     run = build_run(cfg, observers)
-    state, val = run.state, None
-    run.events.run_start(run)
-    if run.wants_probe():  # LP-FT: a converged head on cached features before any unfreezing
-        run_probe(run)
-    for epoch in range(state.epoch, cfg.epochs):
-        if state.stopped_early:
-            break
-        state.epoch = epoch
-        run.enter_stage(epoch)
-        stats = train_one_epoch(run, epoch)
-        if stats.stopped:
-            return stop(run)
-        run.strategy.sync_batchnorm(run.model)
-        val, val_ema = evaluate_split(run, "val"), evaluate_ema(run)
-        select_best(run, epoch, {"model": val, "ema": val_ema})
-        run.events.epoch_end(run, epoch_record(run, stats, val, val_ema))
-        state.epoch, state.batch_in_epoch = epoch + 1, 0
-        state.stopped_early = run.patience_spent()
-        if state.stopped_early or (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.epochs:
-            run.save_checkpoint()
-        if run.preempt.should_stop() and not state.stopped_early:
-            return stop(run)
-    return finish(run, val)
+    with closing(run.data):  # the workers the training and validation loaders keep between epochs
+        state, val = run.state, None
+        run.events.run_start(run)
+        if run.wants_probe():  # LP-FT: a converged head on cached features before any unfreezing
+            run_probe(run)
+        for epoch in range(state.epoch, cfg.epochs):
+            if state.stopped_early:
+                break
+            state.epoch = epoch
+            run.enter_stage(epoch)
+            stats = train_one_epoch(run, epoch)
+            if stats.stopped:
+                return stop(run)
+            run.strategy.sync_batchnorm(run.model)
+            val, val_ema = evaluate_split(run, "val"), evaluate_ema(run)
+            select_best(run, epoch, {"model": val, "ema": val_ema})
+            run.events.epoch_end(run, epoch_record(run, stats, val, val_ema))
+            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            state.stopped_early = run.patience_spent()
+            if state.stopped_early or (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.epochs:
+                run.save_checkpoint()
+            if run.preempt.should_stop() and not state.stopped_early:
+                return stop(run)
+        return finish(run, val)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -26,6 +26,7 @@ class EpochStats:
     acc: float = 0.0
     images: int = 0                # trained in this process's part of the epoch, all ranks
     seconds: float = 0.0
+    first_batch_s: float = 0.0     # from the epoch's start to its first batch: the loader's start-up
     lrs: dict[str, float] = field(default_factory=dict)   # the rates of the epoch's last step
     stopped: bool = False
 
@@ -63,12 +64,13 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
         torch.cuda.reset_peak_memory_stats(acc.device)  # the epoch record reports this epoch's (stage's) peak
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     correct = torch.zeros((), dtype=torch.long, device=acc.device)
-    seen, t0, lrs, stopped = 0, time.time(), group_lrs(optimizer), False
+    seen, t0, lrs, stopped, first = 0, time.time(), group_lrs(optimizer), False, 0.0
     bar = tqdm(total=run.batches_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}", leave=False,
                disable=progress_bars_off(acc))
     for x, y, forward, cached in batches(run, epoch):
         if state.batch_in_epoch >= run.batches_per_epoch:
             break
+        first = first or time.time() - t0
         target = y if run.mixup is None else mix(run, x, y)
         with acc.accumulate(model):
             logits = forward(x)
@@ -108,6 +110,6 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
     bar.close()
     images, seconds = seen * acc.num_processes, time.time() - t0
     if stopped:
-        return EpochStats(images=images, seconds=seconds, lrs=lrs, stopped=True)
+        return EpochStats(images=images, seconds=seconds, first_batch_s=first, lrs=lrs, stopped=True)
     return EpochStats(float(acc.reduce(loss_sum, "sum")) / max(1, images),
-                      float(acc.reduce(correct, "sum")) / max(1, images), images, seconds, lrs)
+                      float(acc.reduce(correct, "sum")) / max(1, images), images, seconds, first, lrs)

@@ -182,3 +182,61 @@ def test_trains_from_shards_served_over_http(shard_dir, tmp_path):
         cfg = tiny_config(tmp_path, shard_dir, epochs=1, **{"data.root": url})
         summary = train(Config.model_validate(cfg)).summary
     assert summary["test/samples"] == 15 and summary["steps"] > 0
+
+
+def _worker_pids(loader) -> set[int]:
+    return {w.pid for w in loader._iterator._workers}
+
+
+def test_training_and_validation_loaders_keep_their_workers_and_follow_the_epoch(shard_dir, tmp_path):
+    """Persistent workers read the epoch, batch size and resume skip that set_epoch writes into the
+    stream's shared state: every epoch (after an abandoned one too, and on a resume skip) delivers
+    exactly what a fresh loader of that epoch delivers, from the same worker processes."""
+    import copy
+
+    from dtl.data_pipeline import build_data
+    from dtl.run_config import Config
+    from dtl.shard_stream import make_loader
+
+    cfg = Config.model_validate(tiny_config(tmp_path, shard_dir, **{"data.num_workers": 2, "data.batch_size": 3}))
+    pre = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
+    data = build_data(cfg, pre, CLASSES, 0, 1, None)
+
+    def fresh(epoch: int, skip: int = 0) -> list[str]:
+        s = copy.copy(data.train)
+        s.set_epoch(epoch, skip_batches=skip, batch_size=3)
+        return [k for b in make_loader(s, 3, 2) for k in b["key"]]
+
+    def kept(epoch: int, skip: int = 0) -> list[str]:
+        data.train.set_epoch(epoch, skip_batches=skip, batch_size=3)
+        return [k for b in data.loader(data.train) for k in b["key"]]
+
+    loader = data.loader(data.train)
+    assert kept(0) == fresh(0)
+    pids = _worker_pids(loader)
+    assert kept(1) == fresh(1) and kept(1) != kept(0)
+    data.train.set_epoch(2, batch_size=3)
+    next(iter(data.loader(data.train)))            # an epoch abandoned after one batch (a stop, max_steps)
+    assert kept(3) == fresh(3)
+    assert kept(4, skip=3) == fresh(4, skip=3) == fresh(4)[9:]   # a resumed epoch skips what was delivered
+    assert data.loader(data.train) is loader and _worker_pids(loader) == pids
+    val = [k for b in data.loader(data.val) for k in b["key"]]
+    assert sorted(val) == sorted(k for b in data.loader(data.val) for k in b["key"]) and len(val) == len(set(val))
+    assert data.loader(data.val) is data.loader(data.val) and data.loader(data.test) is not data.loader(data.test)
+    data.close()
+    assert _gone(pids)
+
+
+def _gone(pids: set[int], within: float = 10.0) -> bool:
+    """True once none of `pids` runs (gone, or a zombie its parent, the worker server, has yet to reap)."""
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    deadline = time.time() + within
+    while any(running(p) for p in pids):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
