@@ -33,7 +33,7 @@ from dtl.finetune_plan import FinetunePlan, Stage
 from dtl.layer_groups import layer_groups
 from dtl.optimization import build_optimizer, build_scheduler
 from dtl.parallel_strategy import ParallelStrategy, create_accelerator, is_sharded
-from dtl.shard_stream import start_worker_server
+from dtl.worker_server import start_worker_server
 from dtl.preemption import PreemptionHandler
 from dtl.feature_cache import FrozenFeatureCache, build_cache
 from dtl.run_config import Config, ConfigError, config_changes, dump_config

@@ -28,7 +28,6 @@ import io
 import json
 import math
 import multiprocessing
-import multiprocessing.context
 import os
 import random
 import signal
@@ -47,6 +46,7 @@ from dtl.dataset_index import (IMAGE_EXTENSIONS, DataError, SplitSource, expand_
                                read_index, split_source)
 from dtl.shard_fetch import RetryPolicy, read_with_retries
 from dtl.tar_members import tar_members
+from dtl.worker_server import start_worker_server, worker_context  # noqa: F401 (re-exported)
 
 IMAGE_FIELDS = IMAGE_EXTENSIONS
 
@@ -402,34 +402,6 @@ def _collate(batch: list[tuple[torch.Tensor, int, str]]) -> dict:
     return {"image": images, "label": labels, "key": keys}
 
 
-# What dtl/train.py imports, not dtl.train itself: a worker re-runs the trainer's main module
-# (`python -m dtl.train` too), and runpy warns when that module was imported before it.
-# dtl.worker_server_signals makes the server ignore SIGTERM/SIGUSR1; only the server imports it.
-_SERVER_PRELOAD = ("dtl.worker_server_signals", "torch", "PIL.Image", "dtl.shard_stream", "dtl.run_setup",
-                   "dtl.run_finish", "dtl.linear_probe", "dtl.training_epoch")
-
-
-def _worker_context(method: str) -> Optional[multiprocessing.context.BaseContext]:
-    """How DataLoader workers start. 'forkserver' (the default, as in Python 3.14) forks each
-    worker from a small single-threaded server: a plain fork of the training process, which has
-    threads (W&B, tqdm, a previous loader's queue feeders), can deadlock the child in CPython's
-    after-fork cleanup; seen here as a hung 2-rank run. The server imports torch and dtl once."""
-    if method not in multiprocessing.get_all_start_methods():
-        return None                                   # e.g. forkserver on Windows: the platform's default
-    ctx = multiprocessing.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload(list(_SERVER_PRELOAD))  # no effect once running
-    return ctx
-
-
-def start_worker_server(method: str, num_workers: int) -> None:
-    """Start the forkserver now, so it imports torch and dtl while the model is being built
-    instead of when the first loader starts (3-4 s on a small CPU)."""
-    if num_workers and method == "forkserver" and _worker_context(method) is not None:  # sets the preload
-        from multiprocessing import forkserver
-        forkserver.ensure_running()
-
-
 def _ignore_stop_signals(worker_id: int) -> None:
     """Workers leave the stop signals to the training process.
 
@@ -488,7 +460,7 @@ def make_loader(stream: ShardStream, batch_size: int, num_workers: int,
                       drop_last=stream.opt.train, pin_memory=torch.cuda.is_available(),
                       persistent_workers=persistent and num_workers > 0,
                       worker_init_fn=_ignore_stop_signals if num_workers else None,
-                      multiprocessing_context=_worker_context(start_method) if num_workers else None)
+                      multiprocessing_context=worker_context(start_method) if num_workers else None)
 
 
 def close_loader(loader: DataLoader) -> None:

@@ -19,6 +19,9 @@ from typing import Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: dtl/ is on sys.path, the repo root is not
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # the loader's worker server imports torch and dtl while this process does
+    from dtl.worker_server import start_for_command_line
+    start_for_command_line(sys.argv[1:])
 
 from dtl.linear_probe import run_probe
 from dtl.run_config import Config, load_config
