@@ -237,6 +237,8 @@ def _add_use_commands(sub) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
+        from dtl.worker_server import start_for_command_line
+        start_for_command_line(argv[1:])  # before dtl.train imports torch: the two import side by side
         from dtl.train import main as train_main
         return train_main(argv[1:])
     if argv[:1] == ["launch"]:

@@ -177,8 +177,8 @@ class Data:
         return train_size_at(epoch, self.final_size, self.ramp)
 
     def resize_train(self, epoch: int) -> int:
-        """Give the training stream `epoch`'s image size (progressive resizing); returns it. Workers
-        start per epoch, so the next loader carries the new transform; a resumed epoch gets the same."""
+        """Give the training stream `epoch`'s image size (progressive resizing); returns it. A new
+        transform gets a new loader (`loader`), whose workers carry it; a resumed epoch gets the same."""
         size = self.train_size(epoch)
         if self.train_transform is not None and size != self.train.opt.draft_size:
             self.train.transform = self.train_transform(size)

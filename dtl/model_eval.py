@@ -7,6 +7,7 @@ OUT/eval.json.
 from __future__ import annotations
 
 import json
+from contextlib import closing
 from pathlib import Path
 from typing import Optional
 
@@ -36,8 +37,9 @@ def evaluate_export(weights: str, root: str, split: str = "test", tta: str = "no
                          StreamOptions(classes=classes), acc.process_index, acc.num_processes, num_workers)
     data = Data(classes, stream, None, stream, batch_size, batch_size, num_workers)
     model = acc.prepare_model(model, evaluation_mode=True)
-    result = evaluate(acc, ParallelStrategy(acc), model, data, stream, len(classes), split,
-                      meta["preprocessing"]["input_size"], tta=tta)
+    with closing(data):
+        result = evaluate(acc, ParallelStrategy(acc), model, data, stream, len(classes), split,
+                          meta["preprocessing"]["input_size"], tta=tta)
     out_dir = Path(out or Path(weights).parent / f"eval-{split}")
     if acc.is_main_process:
         (out_dir / "report").mkdir(parents=True, exist_ok=True)

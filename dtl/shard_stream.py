@@ -175,6 +175,7 @@ class ShardStream(IterableDataset):
         # What set_epoch chooses, in shared memory: a loader's persistent workers hold a copy of this
         # stream made when they started, and read the epoch, batch size and resume skip from here.
         self._state = torch.zeros(3 + self.num_workers, dtype=torch.int64).share_memory_()
+        self._view = self._state  # what this process reads: a private snapshot during a pass (`__iter__`)
         self.batch_size = 1
         self.slots = self.world_size * self.num_workers
         if options.train and source.total // self.slots == 0:
@@ -186,23 +187,27 @@ class ShardStream(IterableDataset):
                           f"(exact, but reads the data {self.slots} times). Write more shards.")
 
     # -- epoch bookkeeping (shared with the workers) ----------------------------------------
-    epoch = property(lambda self: int(self._state[0]), lambda self, v: self._state.__setitem__(0, v))
-    batch_size = property(lambda self: int(self._state[1]), lambda self, v: self._state.__setitem__(1, v))
-    worker_offset = property(lambda self: int(self._state[2]), lambda self, v: self._state.__setitem__(2, v))
+    def _set(self, i: int, value) -> None:
+        self._state[i] = value
+        self._view = self._state
+
+    epoch = property(lambda self: int(self._view[0]), lambda self, v: self._set(0, v))
+    batch_size = property(lambda self: int(self._view[1]), lambda self, v: self._set(1, v))
+    worker_offset = property(lambda self: int(self._view[2]), lambda self, v: self._set(2, v))
 
     @property
     def skip_per_worker(self) -> list[int]:
-        return self._state[3:].tolist()
+        return self._view[3:].tolist()
 
     @skip_per_worker.setter
     def skip_per_worker(self, skips: list[int]) -> None:
-        self._state[3:] = torch.tensor(skips, dtype=torch.int64)
+        self._set(slice(3, None), torch.tensor(skips, dtype=torch.int64))
 
     def __copy__(self) -> "ShardStream":
         """A copy with epoch state of its own (the feature cache's keyed view of the training stream)."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new._state = self._state.clone().share_memory_()
+        new._state = new._view = self._state.clone().share_memory_()
         return new
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
@@ -365,6 +370,9 @@ class ShardStream(IterableDataset):
         return self.transform(img), label, key
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
+        # One pass reads one epoch's state: a worker still finishing an abandoned pass must not see
+        # the next epoch's `set_epoch` (its bad-sample log would name the wrong epoch).
+        self._view = self._state.clone()
         self._errors = 0
         slot = self._slot()
         own, fill, target = self._raw(slot)
@@ -381,6 +389,9 @@ class ShardStream(IterableDataset):
         produced, filled = skip, 0
         for sample in islice(own, skip, None):
             if target and produced >= target:
+                if self.opt.retry is not None and self.opt.retry.cache is not None:
+                    for _ in own:  # read, not decode, the rest: the shard cache keeps whole shards
+                        pass
                 return
             item = self._decode(sample)
             if item is not None:
@@ -456,8 +467,13 @@ def make_loader(stream: ShardStream, batch_size: int, num_workers: int,
     if num_workers and not _exit_hook:  # registered after multiprocessing's hook, so it runs before it
         atexit.register(_kill_leftover_workers)
         _exit_hook = True
+    # A generator of its own: a DataLoader draws its workers' base seed from the global CPU generator
+    # each time it starts a pass, and the model's CPU dropout draws from that one too. Persistent and
+    # restarted loaders (a resumed run) would draw a different number of times; the workers' seeds do
+    # not matter anyway (the stream seeds each sample's augmentation from (seed, epoch, key)).
     return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                       drop_last=stream.opt.train, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(stream.opt.seed),
                       persistent_workers=persistent and num_workers > 0,
                       worker_init_fn=_ignore_stop_signals if num_workers else None,
                       multiprocessing_context=worker_context(start_method) if num_workers else None)

@@ -104,7 +104,7 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
             run.save_checkpoint()
-        if run.preempt.should_stop() or state.step == cfg.stop_after_steps:
+        if run.preempt.should_stop(state.step) or state.step == cfg.stop_after_steps:
             stopped = True
             break
     bar.close()

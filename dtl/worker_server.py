@@ -45,12 +45,21 @@ def start_for_command_line(argv: Sequence[str]) -> None:
     imports torch. Any problem with the arguments is left to the trainer, which reports it."""
     from dtl.run_config import load_config  # light: yaml, omegaconf, pydantic
 
-    p = argparse.ArgumentParser(add_help=False)
+    if {"-h", "--help"} & set(argv):
+        return
+    p = _Quiet(add_help=False)
     p.add_argument("--config", "-c")
     p.add_argument("overrides", nargs="*")
     try:
         args, _ = p.parse_known_args(list(argv))
         data = load_config(args.config, args.overrides).data
-    except (Exception, SystemExit):  # noqa: BLE001 - the trainer parses again and says what is wrong
+    except Exception:  # noqa: BLE001 - the trainer parses again and says what is wrong, once
         return
     start_worker_server(data.worker_start, data.num_workers)
+
+
+class _Quiet(argparse.ArgumentParser):
+    """A parser that raises instead of printing usage and exiting: the trainer's own parser reports."""
+
+    def error(self, message: str):
+        raise ValueError(message)

@@ -119,7 +119,6 @@ def test_ranks_and_workers_split_exactly(shard_dir):
     assert total - sum(seen.values()) < 2 * 2 * 3      # drop is less than ranks x workers x batch
 
 
-
 class _CountingTransform:
     def __init__(self):
         self.calls = 0
@@ -142,6 +141,7 @@ def test_a_training_slot_decodes_only_the_whole_batches_its_loader_delivers(shar
     full = _stream(shard_dir, train=True, seed=4)
     full.set_epoch(1)  # without the batch size: every sample of the slot, in the same order
     assert [k for _, _, k in full][:len(keys)] == keys
+
 
 def test_resume_mid_epoch_sees_the_same_remaining_ids(shard_dir):
     full = _ids(_stream(shard_dir, train=True, workers=2, seed=7), epoch=1, workers=2, batch_size=3)

@@ -72,9 +72,12 @@ def test_learns_the_synthetic_task(tmp_path, shard_dir):
 
 
 def test_resume_continues_at_the_right_epoch_with_identical_weights(tmp_path, shard_dir, capsys):
-    full, full_out = _run(tmp_path / "a", shard_dir, **{"data.num_workers": 2})
+    # Dropout on a CPU draws from the global generator, which no loader may touch: the uninterrupted
+    # run's loaders keep their workers, the resumed run's start afresh (it broke bitwise resume once).
+    extra = {"data.num_workers": 2, "model.drop_rate": 0.3}
+    full, full_out = _run(tmp_path / "a", shard_dir, **extra)
     # the same run, stopped mid-epoch 1 (just after the first stage change), then resumed
-    cfg = tiny_config(tmp_path / "b", shard_dir, stop_after_steps=7, **{"data.num_workers": 2})
+    cfg = tiny_config(tmp_path / "b", shard_dir, stop_after_steps=7, **extra)
     stopped = train(Config.model_validate(cfg))
     out = Path(cfg["output_dir"])
     state = read_train_state(list_checkpoints(out / "checkpoints")[-1])
