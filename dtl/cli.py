@@ -234,6 +234,12 @@ def _add_use_commands(sub) -> None:
     r.add_argument("--csv", help="write image, class, prob, error rows here instead of JSON lines")
 
 
+def train_entry() -> int:
+    """The `dtl-train` console script: `dtl train`, so the loader's worker server starts before the
+    trainer imports torch (importing dtl.train first would import it before anything could run)."""
+    return main(["train", *sys.argv[1:]])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
