@@ -26,14 +26,15 @@ class PreemptionHandler:
     def __init__(self, accelerator, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
         self.accelerator = accelerator
         self.received: int | None = None
+        gpu_ranks = accelerator.num_processes > 1 and accelerator.device.type != "cpu"
+        self.check_every = GPU_CHECK_EVERY if gpu_ranks else 1  # steps between the ranks' comparisons
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
         self.received = signum
-        every = self.accelerator.num_processes > 1 and self.accelerator.device.type != "cpu"
-        when = f"within {GPU_CHECK_EVERY} steps (where the ranks compare)" if every else "after this step"
+        when = f"within {self.check_every} steps (where the ranks compare)" if self.check_every > 1 else "after this step"
         print(f"dtl: received {signal.Signals(signum).name}; stopping {when}", file=sys.stderr, flush=True)
 
     def should_stop(self, step: int | None = None) -> bool:
@@ -42,7 +43,7 @@ class PreemptionHandler:
         flag = self.received is not None
         if self.accelerator.num_processes == 1:
             return flag
-        if step is not None and step % GPU_CHECK_EVERY and self.accelerator.device.type != "cpu":
+        if step is not None and step % self.check_every:
             return False
         t = torch.tensor(int(flag), device=self.accelerator.device)
         return bool(self.accelerator.reduce(t, "max"))

@@ -226,8 +226,8 @@ class WandbTracker(Observer):
         (run.out / "wandb_run_id").write_text(run.state.wandb_run_id or "")
         wb = self._wb(run)
         wb.define_metric("epoch")
-        for pattern in ("train/loss", "train/acc", "train/img_per_s", "train/first_batch_s", "val/*", "val_ema/*", "epoch_time_s",
-                        "sys/*"):
+        for pattern in ("train/loss", "train/acc", "train/img_per_s", "train/first_batch_s", "val/*", "val_ema/*",
+                        "epoch_time_s", "sys/*"):
             wb.define_metric(pattern, step_metric="epoch")
         if run.resumed_from is None:
             sources = {k: s.source for k, s in (("train", run.data.train), ("val", run.data.val),

@@ -46,7 +46,7 @@ from dtl.dataset_index import (IMAGE_EXTENSIONS, DataError, SplitSource, expand_
                                read_index, split_source)
 from dtl.shard_fetch import RetryPolicy, read_with_retries
 from dtl.tar_members import tar_members
-from dtl.worker_server import start_worker_server, worker_context  # noqa: F401 (re-exported)
+from dtl.worker_server import STOP_SIGNALS, start_worker_server, worker_context  # noqa: F401 (re-exported)
 
 IMAGE_FIELDS = IMAGE_EXTENSIONS
 
@@ -421,11 +421,10 @@ def _ignore_stop_signals(worker_id: int) -> None:
     the middle of the step or validation the trainer is finishing before its checkpoint. Workers
     still end with their loader, and with the trainer if it dies (`_release_worker_server`).
     """
-    stop = [getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]  # no SIGUSR1 on Windows
-    for sig in stop:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # discards one that arrived while the server's mask held it
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _release_worker_server()
 
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import multiprocessing.context
+import signal
 from typing import Optional, Sequence
+
+# The signals Slurm and `timeout` send the whole job: the server and the workers ignore them.
+STOP_SIGNALS = [getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]  # no SIGUSR1 on Windows
 
 # What dtl/train.py imports, not dtl.train itself: a worker re-runs the trainer's main module
 # (`python -m dtl.train` too), and runpy warns when that module was imported before it.
@@ -43,10 +47,10 @@ def start_worker_server(method: str, num_workers: int) -> None:
 def start_for_command_line(argv: Sequence[str]) -> None:
     """Start the server for the run `argv` describes (dtl/train.py's arguments), before the trainer
     imports torch. Any problem with the arguments is left to the trainer, which reports it."""
-    from dtl.run_config import load_config  # light: yaml, omegaconf, pydantic
-
     if {"-h", "--help"} & set(argv):
         return
+    from dtl.run_config import load_config  # light: yaml, omegaconf, pydantic
+
     p = _Quiet(add_help=False)
     p.add_argument("--config", "-c")
     p.add_argument("overrides", nargs="*")

@@ -10,7 +10,7 @@ keep-alive pipe is gone, and the workers close theirs as they start
 """
 import signal
 
-STOP_SIGNALS = [getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]  # no SIGUSR1 on Windows
+from dtl.worker_server import STOP_SIGNALS
 
 for _sig in STOP_SIGNALS:
     signal.signal(_sig, signal.SIG_IGN)
