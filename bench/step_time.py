@@ -1,6 +1,7 @@
 """Step time with the top k layer groups trainable against all groups trainable.
 
     python bench/step_time.py [--model tf_efficientnet_lite0] [--size 160] [--batch 32] [--steps 5]
+        [--rounds 3] [--train all 7 6] [--no-channels-last] [--json bench/results/X.json]
 
 Autograd stops at the lowest parameter that requires grad, so a head-only step costs little more
 than a forward pass; the ratios show what each stage of a plan costs relative to full training.
@@ -47,22 +48,54 @@ def main() -> None:
     p.add_argument("--size", type=int, default=160)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1, help="measure every k this many times, interleaved; medians")
+    p.add_argument("--train", nargs="*", help="the k's to time (default: a spread); 'all' is always timed")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="dtl's runs use channels_last by default (model.channels_last)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write the table here, with the command, machine and versions")
     args = p.parse_args()
     torch.manual_seed(0)
     model = create_classifier(args.model, 4)
     groups = layer_groups(model)
-    model.to(args.device)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(args.device, memory_format=fmt)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=args.device).contiguous(memory_format=fmt)
     y = torch.randint(0, 4, (args.batch,), device=args.device)
-    ks = [1, 2, 3, len(groups) // 2, len(groups) - 2, len(groups) - 1, "all"]
-    full = step_time(model, groups, "all", x, y, args.steps)
+    ks = [int(k) if k != "all" else k for k in args.train] if args.train else \
+        [1, 2, 3, len(groups) // 2, len(groups) - 3, len(groups) - 2, len(groups) - 1]
+    ks = ["all"] + [k for k in ks if k != "all"]
+    times: dict = {k: [] for k in ks}
+    for _ in range(args.rounds):
+        for k in ks:
+            times[k].append(step_time(model, groups, k, x, y, args.steps))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    full = med["all"]
     print(f"{args.model} @{args.size}px, batch {args.batch}, {len(groups)} groups, on {args.device}"
-          f" ({torch.get_num_threads()} threads)")
+          f" ({torch.get_num_threads()} threads), channels_last {args.channels_last}, {args.rounds} round(s)")
     print(f"{'trainable':>10} {'ms/step':>9} {'img/s':>7} {'vs all':>7}")
     for k in ks:
-        t = full if k == "all" else step_time(model, groups, k, x, y, args.steps)
-        print(f"{str(k):>10} {1000 * t:>9.1f} {args.batch / t:>7.1f} {t / full:>7.2f}")
+        print(f"{str(k):>10} {1000 * med[k]:>9.1f} {args.batch / med[k]:>7.1f} {med[k] / full:>7.2f}")
+    if args.json:
+        import datetime
+        import json
+        import platform
+        import shlex
+        import sys
+
+        import timm
+
+        rows = [{"trainable_groups": k, "ms_per_step": 1000 * med[k], "ms_each_round": [1000 * t for t in times[k]],
+                 "img_per_s": args.batch / med[k], "vs_all": med[k] / full} for k in ks]
+        out = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(),
+                           "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+                           "threads": torch.get_num_threads()},
+               "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
+               "model": args.model, "size": args.size, "batch": args.batch, "channels_last": args.channels_last,
+               "groups": len(groups), "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ reset to the dataset's classes), the same resolution, interpolation and normalis
 epoch budget, optimizer (AdamW, cosine, the config's rate, weight decay and label smoothing), flips,
 crop scale and ratio, `channels_last` and data workers: timm's arguments are read from dtl's config
 (with `--dtl-set` applied) and dtl's preprocessing for the backbone.
-dtl runs its quickstart config as a user would (its plan: the probe, then every layer fine-tuned);
-timm runs a plain fine-tune of every layer, its usual recipe. The tools alternate (dtl, timm, dtl,
+dtl runs its quickstart config as a user would (its plan: the probe, then the layers its stages
+name); timm runs a plain fine-tune of every layer, its usual recipe (train.py cannot freeze groups).
+The img/s goal is about the fully unfrozen step, so `img_per_s_ratio` takes only dtl's epochs that
+train every group (None if the plan never does; `plan_img_per_s_ratio` takes them all). The tools alternate (dtl, timm, dtl,
 timm, ...) so that a slow spell of the shared machine hits both.
 
 dtl's first point is its probe (`probe.safetensors`, "epoch 0"): a model it hands the user when the
@@ -74,7 +76,8 @@ def run_dtl(args, out: Path, env: dict) -> dict:
     per_epoch = []
     for r, ck in zip(epochs, ckpts[-len(epochs):]):
         per_epoch.append({"epoch": r["epoch"] + 1, "t_s": r["time"] - t0, "weights": str(ck / "model.safetensors"),
-                          "img_per_s": r.get("train/img_per_s"), "val_acc": r.get("val/acc")})
+                          "img_per_s": r.get("train/img_per_s"), "val_acc": r.get("val/acc"),
+                          "all_trainable": r.get("trainable_params") == args.params})
     probe = next((r for r in records if "probe/epochs" in r), None)
     if probe is not None and (out / "probe.safetensors").is_file():  # the probe's model is usable when it ends
         per_epoch.insert(0, {"epoch": 0, "t_s": probe["time"] - t0, "weights": str(out / "probe.safetensors"),
@@ -90,6 +93,8 @@ def dtl_config(args):
     from dtl.run_config import load_config
 
     cfg = load_config(REPO / args.config, [f"data.root={REPO / args.data}", *args.dtl_set])
+    args.img_size = args.img_size or cfg.data.img_size
+    args.backbone = args.backbone or cfg.model.backbone
     if cfg.data.img_size != args.img_size or cfg.model.backbone != args.backbone:
         raise SystemExit(f"--img-size/--backbone ({args.img_size}, {args.backbone}) differ from {args.config}'s "
                          f"({cfg.data.img_size}, {cfg.model.backbone})")
@@ -204,16 +209,47 @@ def test_metrics(model: torch.nn.Module, folder: Path, pre: dict) -> dict:
     return {"acc": m["acc"], "macro_f1": m["macro_f1"]}
 
 
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def model_params(backbone: str, num_classes: int) -> int:
+    """The classifier's parameter count: an epoch that trains this many trains every group."""
+    from dtl.backbones import create_classifier
+
+    return sum(p.numel() for p in create_classifier(backbone, num_classes).parameters())
+
+
 def time_to(epochs: list[dict], target: float) -> float | None:
     return next((e["t_s"] for e in epochs if e["test_acc"] >= target - 1e-9), None)
+
+
+def pair_summary(dtl_run: dict, timm_run: dict) -> dict:
+    """One dtl/timm pair: time to timm's final test accuracy and the img/s ratios. `img_per_s_ratio`
+    is the issue's: dtl's fully unfrozen epochs against timm's (None when dtl's plan keeps groups
+    frozen throughout); `plan_img_per_s_ratio` takes dtl's epochs as its plan ran them."""
+    target = timm_run["final_test_acc"]
+    t_dtl, t_timm = time_to(dtl_run["epochs"], target), time_to(timm_run["epochs"], target)
+    t_tuned = time_to([e for e in dtl_run["epochs"] if not e.get("probe")], target)
+    full = [e["img_per_s"] for e in dtl_run["epochs"] if e["img_per_s"] and e.get("all_trainable")]
+    planned = [e["img_per_s"] for e in dtl_run["epochs"] if e["img_per_s"]]
+    rate_timm = [e["img_per_s"] for e in timm_run["epochs"] if e["img_per_s"]]
+    return {"timm_final_test_acc": target, "dtl_time_to_timm_final_s": t_dtl,
+            "timm_time_to_own_final_s": t_timm, "timm_wall_s": timm_run["wall_s"], "dtl_wall_s": dtl_run["wall_s"],
+            "time_to_accuracy_ratio": (t_dtl / timm_run["wall_s"]) if t_dtl is not None else None,
+            "dtl_finetuned_time_to_timm_final_s": t_tuned,   # the probe's point left out
+            "finetuned_time_to_accuracy_ratio": (t_tuned / timm_run["wall_s"]) if t_tuned is not None else None,
+            "wall_ratio": dtl_run["wall_s"] / timm_run["wall_s"],
+            "img_per_s_ratio": median(full) / median(rate_timm) if full and rate_timm else None,
+            "plan_img_per_s_ratio": median(planned) / median(rate_timm) if planned and rate_timm else None}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--data", default="data/elpv")
-    p.add_argument("--backbone", default="tf_efficientnet_lite0")
-    p.add_argument("--img-size", type=int, default=160)
+    p.add_argument("--backbone", help="default: the config's (a check: the two must agree)")
+    p.add_argument("--img-size", type=int, help="default: the config's data.img_size (a check)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="dtl, timm pairs, alternating")
@@ -223,6 +259,7 @@ def main() -> None:
     args = p.parse_args()
     args.cfg = dtl_config(args)  # checked before any run; timm's flags come from it
     args.pre, args.num_classes = backbone_inputs(args.cfg)
+    args.params = model_params(args.backbone, args.num_classes)
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "imagefolder"
@@ -246,21 +283,7 @@ def main() -> None:
               f"img/s {[round(e['img_per_s'] or 0, 1) for e in run['epochs']]}")
     pairs = []
     for dtl_run, timm_run in zip(runs[::2], runs[1::2]):
-        target = timm_run["final_test_acc"]
-        t_dtl, t_timm = time_to(dtl_run["epochs"], target), time_to(timm_run["epochs"], target)
-        t_tuned = time_to([e for e in dtl_run["epochs"] if not e.get("probe")], target)
-        full = [e["img_per_s"] for e in dtl_run["epochs"] if e["img_per_s"]]
-        rate_timm = [e["img_per_s"] for e in timm_run["epochs"] if e["img_per_s"]]
-        pairs.append({"timm_final_test_acc": target, "dtl_time_to_timm_final_s": t_dtl,
-                      "timm_time_to_own_final_s": t_timm, "timm_wall_s": timm_run["wall_s"],
-                      "dtl_wall_s": dtl_run["wall_s"],
-                      "time_to_accuracy_ratio": (t_dtl / timm_run["wall_s"]) if t_dtl is not None else None,
-                      "dtl_finetuned_time_to_timm_final_s": t_tuned,   # the probe's point left out
-                      "finetuned_time_to_accuracy_ratio":
-                          (t_tuned / timm_run["wall_s"]) if t_tuned is not None else None,
-                      "wall_ratio": dtl_run["wall_s"] / timm_run["wall_s"],
-                      "img_per_s_ratio": (sorted(full)[len(full) // 2] / sorted(rate_timm)[len(rate_timm) // 2])
-                      if full and rate_timm else None})
+        pairs.append(pair_summary(dtl_run, timm_run))
         print(json.dumps(pairs[-1]))
     result = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),

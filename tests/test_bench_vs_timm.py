@@ -20,8 +20,8 @@ def vs_timm():
 
 def _args(*dtl_set: str) -> argparse.Namespace:
     """The quickstart less its balanced sampling (timm has none), as the README's command runs it."""
-    return argparse.Namespace(config="configs/quickstart.yaml", data="no/such/folder", img_size=160,
-                              backbone="tf_efficientnet_lite0", dtl_set=["data.balanced_sampling=0", *dtl_set])
+    return argparse.Namespace(config="configs/quickstart.yaml", data="no/such/folder", img_size=None,
+                              backbone=None, dtl_set=["data.balanced_sampling=0", *dtl_set])
 
 
 def test_timm_flags_follow_the_quickstart_config(vs_timm):
@@ -43,12 +43,21 @@ def test_timm_flags_follow_the_quickstart_config(vs_timm):
     ("data.augment.rot90=0.5", "no quarter turns"),
     ("eval.tta=dihedral", "no quarter turns"),
     ("optim.schedule=step", "maps cosine only"),
-    ("data.img_size=224", "differ from"),
     ("data.balanced_sampling=0.5", "no class-balanced sampling"),
 ])
 def test_what_timm_cannot_match_is_refused_before_any_run(vs_timm, override, says):
     with pytest.raises(SystemExit, match=says):
         vs_timm.dtl_config(_args(override))
+
+
+def test_size_and_backbone_come_from_the_config_and_a_contradicting_flag_is_refused(vs_timm):
+    args = _args("data.img_size=224")
+    cfg = vs_timm.dtl_config(args)
+    assert args.img_size == cfg.data.img_size == 224 and args.backbone == cfg.model.backbone == "tf_efficientnet_lite0"
+    args = _args()
+    args.img_size = 128
+    with pytest.raises(SystemExit, match="differ from"):
+        vs_timm.dtl_config(args)
 
 
 def test_timm_is_told_the_backbones_normalisation_and_the_datasets_classes(vs_timm, shard_dir):
@@ -57,7 +66,7 @@ def test_timm_is_told_the_backbones_normalisation_and_the_datasets_classes(vs_ti
     args = _args()
     args.data = str(shard_dir)
     pre, n = vs_timm.backbone_inputs(vs_timm.dtl_config(args))
-    assert n == len(CLASSES) and pre["input_size"] == [3, 160, 160]
+    assert n == len(CLASSES) and pre["input_size"] == [3, args.img_size, args.img_size]
     assert pre["mean"] == pre["std"] == [0.5] * 3 and pre["interpolation"] == "bicubic"  # EfficientNet-Lite's
     args = _args("model.backbone=resnet18.tv_in1k")
     args.data, args.backbone = str(shard_dir), "resnet18.tv_in1k"
@@ -66,3 +75,20 @@ def test_timm_is_told_the_backbones_normalisation_and_the_datasets_classes(vs_ti
     assert pre["mean"] == [0.485, 0.456, 0.406] and pre["crop_pct"] == 1.0  # ImageNet's, the config's crop
     flags = vs_timm.timm_args(cfg, pre)
     assert pre["interpolation"] == "bilinear" == flags[flags.index("--train-interpolation") + 1]  # as dtl trains
+
+
+def test_the_img_per_s_ratio_counts_only_dtl_epochs_that_train_every_group(vs_timm):
+    """A plan that keeps the stem frozen trains faster than a full fine-tune: its epochs must not
+    pass for the fully unfrozen step the speed goal is about."""
+    def epochs(rates, all_trainable, accs):
+        return [{"epoch": i + 1, "t_s": 10.0 * (i + 1), "img_per_s": r, "all_trainable": a, "test_acc": t}
+                for i, (r, a, t) in enumerate(zip(rates, all_trainable, accs))]
+
+    timm_run = {"final_test_acc": 0.7, "wall_s": 40.0, "epochs": epochs([10, 10, 10, 10], [True] * 4, [.5, .6, .6, .7])}
+    staged = {"wall_s": 45.0, "epochs": epochs([30, 12, 12, 12], [False, True, True, True], [.6, .7, .8, .8])}
+    frozen = {"wall_s": 30.0, "epochs": epochs([15, 15, 15, 15], [False] * 4, [.6, .7, .8, .8])}
+    pair = vs_timm.pair_summary(staged, timm_run)
+    assert pair["img_per_s_ratio"] == pytest.approx(1.2) and pair["plan_img_per_s_ratio"] == pytest.approx(1.2)
+    assert pair["dtl_time_to_timm_final_s"] == 20.0 and pair["time_to_accuracy_ratio"] == pytest.approx(0.5)
+    pair = vs_timm.pair_summary(frozen, timm_run)
+    assert pair["img_per_s_ratio"] is None and pair["plan_img_per_s_ratio"] == pytest.approx(1.5)
