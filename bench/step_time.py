@@ -1,6 +1,6 @@
 """Step time with the top k layer groups trainable against all groups trainable.
 
-    python bench/step_time.py [--model tf_efficientnet_lite0] [--size 160] [--batch 32] [--steps 5]
+    python bench/step_time.py [--model tf_efficientnet_lite0] [--size 192] [--batch 32] [--steps 5]
         [--rounds 3] [--train all 7 6] [--no-channels-last] [--json bench/results/X.json]
 
 Autograd stops at the lowest parameter that requires grad, so a head-only step costs little more
@@ -45,7 +45,7 @@ def step_time(model, groups, k: int | str, x, y, steps: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tf_efficientnet_lite0")
-    p.add_argument("--size", type=int, default=160)
+    p.add_argument("--size", type=int, default=192)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=1, help="measure every k this many times, interleaved; medians")
@@ -64,7 +64,7 @@ def main() -> None:
     y = torch.randint(0, 4, (args.batch,), device=args.device)
     ks = [int(k) if k != "all" else k for k in args.train] if args.train else \
         [1, 2, 3, len(groups) // 2, len(groups) - 3, len(groups) - 2, len(groups) - 1]
-    ks = ["all"] + [k for k in ks if k != "all"]
+    ks = list(dict.fromkeys(["all"] + [k for k in ks if k != "all" and 0 < k < len(groups)]))  # few groups: no repeats
     times: dict = {k: [] for k in ks}
     for _ in range(args.rounds):
         for k in ks:

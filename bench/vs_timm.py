@@ -213,11 +213,13 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def model_params(backbone: str, num_classes: int) -> int:
-    """The classifier's parameter count: an epoch that trains this many trains every group."""
+def model_params(cfg, num_classes: int) -> int:
+    """The parameter count of the classifier dtl builds from `cfg` (its head options included): an
+    epoch that trains this many trains every group."""
     from dtl.backbones import create_classifier
+    from dtl.run_finish import model_build
 
-    return sum(p.numel() for p in create_classifier(backbone, num_classes).parameters())
+    return sum(p.numel() for p in create_classifier(cfg.model.backbone, num_classes, **model_build(cfg)).parameters())
 
 
 def time_to(epochs: list[dict], target: float) -> float | None:
@@ -259,7 +261,7 @@ def main() -> None:
     args = p.parse_args()
     args.cfg = dtl_config(args)  # checked before any run; timm's flags come from it
     args.pre, args.num_classes = backbone_inputs(args.cfg)
-    args.params = model_params(args.backbone, args.num_classes)
+    args.params = model_params(args.cfg, args.num_classes)
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "imagefolder"

@@ -70,7 +70,9 @@ class FinetunePlan:
             shown = names if len(names) <= 4 else [names[0], "...", *names[-2:]]
             lines.append(f"  stage {s.index}: from epoch {s.epoch}, train {n - s.first_group}/{n} groups "
                          f"({', '.join(shown)}), lr x{s.lr_mult:g}")
-        lines.append("  group lr: " + ", ".join(f"{g.name}={lr:.2e}" for g, lr in zip(self.groups, self.group_lrs)))
+        never = min(s.first_group for s in self.stages)  # groups no stage trains: their rate is never used
+        rates = ["frozen" if i < never else f"{lr:.2e}" for i, lr in enumerate(self.group_lrs)]
+        lines.append("  group lr: " + ", ".join(f"{g.name}={r}" for g, r in zip(self.groups, rates)))
         return "\n".join(lines)
 
 

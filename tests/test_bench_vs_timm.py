@@ -92,3 +92,11 @@ def test_the_img_per_s_ratio_counts_only_dtl_epochs_that_train_every_group(vs_ti
     assert pair["dtl_time_to_timm_final_s"] == 20.0 and pair["time_to_accuracy_ratio"] == pytest.approx(0.5)
     pair = vs_timm.pair_summary(frozen, timm_run)
     assert pair["img_per_s_ratio"] is None and pair["plan_img_per_s_ratio"] == pytest.approx(1.5)
+
+
+def test_every_group_trains_when_an_epoch_trains_the_configs_whole_classifier(vs_timm):
+    """`all_trainable` compares an epoch's trainable_params with the classifier dtl builds from the
+    config, head options included (an MLP head has more parameters than the plain Linear)."""
+    plain = vs_timm.model_params(vs_timm.dtl_config(_args()), 4)
+    mlp = vs_timm.model_params(vs_timm.dtl_config(_args("model.head.hidden=[64]")), 4)
+    assert mlp == plain - (1280 * 4 + 4) + (1280 * 64 + 64) + (64 * 4 + 4)

@@ -157,3 +157,16 @@ def test_groups_command_prints_groups_with_parameter_counts():
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "6 layer groups" in r.stdout and "layer4" in r.stdout and "8,393,728" in r.stdout
+
+
+def test_the_plan_printout_marks_groups_no_stage_trains_as_frozen():
+    """The quickstart never trains its stem: the console must not show a rate for it."""
+    model = create_classifier("tf_efficientnet_lite0", 4)
+    cfg = FinetuneConfig(stages=[StageConfig(epoch=0, train=6)], decay=1.0)
+    text = FinetunePlan(cfg, layer_groups(model), 1e-3).describe()
+    rates = text.splitlines()[-1].removeprefix("  group lr: ").split(", ")
+    assert rates[:3] == ["conv_stem+bn1=frozen", "blocks.0.0=frozen", "blocks.1=frozen"]
+    assert all(r.endswith("=1.00e-03") for r in rates[3:]) and len(rates) == 9
+    staged = FinetunePlan(FinetuneConfig(stages=[StageConfig(epoch=0, train=1), StageConfig(epoch=1, train="all")]),
+                          layer_groups(model), 1e-3).describe()
+    assert "frozen" not in staged
