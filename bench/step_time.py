@@ -9,7 +9,14 @@ than a forward pass; the ratios show what each stage of a plan costs relative to
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,6 +24,7 @@ from dtl.backbones import create_classifier
 from dtl.finetune_plan import FinetunePlan, freeze_batchnorm, set_trainable
 from dtl.layer_groups import layer_groups
 from dtl.optimization import build_optimizer
+from dtl.recipe_compare import versions
 from dtl.run_config import FinetuneConfig, OptimConfig, StageConfig
 
 
@@ -42,6 +50,19 @@ def step_time(model, groups, k: int | str, x, y, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def write_json(args, n_groups: int, ms_each_round: dict, med: dict) -> None:
+    """The table with its command, machine and versions (dtl's commit included), as bench/results/ keeps them."""
+    full = med["all"]
+    rows = [{"trainable_groups": k, "ms_per_step": 1000 * t, "ms_each_round": ms_each_round[k],
+             "img_per_s": args.batch / t, "vs_all": t / full} for k, t in med.items()]
+    out = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                       "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"},
+           "versions": versions(), "model": args.model, "size": args.size, "batch": args.batch,
+           "channels_last": args.channels_last, "groups": n_groups, "rows": rows}
+    Path(args.json).write_text(json.dumps(out, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tf_efficientnet_lite0")
@@ -49,7 +70,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=1, help="measure every k this many times, interleaved; medians")
-    p.add_argument("--train", nargs="*", help="the k's to time (default: a spread); 'all' is always timed")
+    p.add_argument("--train", nargs="*", type=lambda v: v if v == "all" else int(v),
+                   help="the k's to time, numbers or 'all' (default: a spread); 'all' is always timed")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="dtl's runs use channels_last by default (model.channels_last)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -62,7 +84,7 @@ def main() -> None:
     model.to(args.device, memory_format=fmt)
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device).contiguous(memory_format=fmt)
     y = torch.randint(0, 4, (args.batch,), device=args.device)
-    ks = [int(k) if k != "all" else k for k in args.train] if args.train else \
+    ks = args.train or \
         [1, 2, 3, len(groups) // 2, len(groups) - 3, len(groups) - 2, len(groups) - 1]
     ks = list(dict.fromkeys(["all"] + [k for k in ks if k != "all" and 0 < k < len(groups)]))  # few groups: no repeats
     times: dict = {k: [] for k in ks}
@@ -77,26 +99,7 @@ def main() -> None:
     for k in ks:
         print(f"{str(k):>10} {1000 * med[k]:>9.1f} {args.batch / med[k]:>7.1f} {med[k] / full:>7.2f}")
     if args.json:
-        import datetime
-        import json
-        import platform
-        import shlex
-        import sys
-
-        import timm
-
-        rows = [{"trainable_groups": k, "ms_per_step": 1000 * med[k], "ms_each_round": [1000 * t for t in times[k]],
-                 "img_per_s": args.batch / med[k], "vs_all": med[k] / full} for k in ks]
-        out = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(),
-                           "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-                           "threads": torch.get_num_threads()},
-               "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
-               "model": args.model, "size": args.size, "batch": args.batch, "channels_last": args.channels_last,
-               "groups": len(groups), "rows": rows}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-
+        write_json(args, len(groups), {k: [1000 * t for t in v] for k, v in times.items()}, med)
 
 if __name__ == "__main__":
     main()

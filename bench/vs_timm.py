@@ -12,8 +12,8 @@ crop scale and ratio, `channels_last` and data workers: timm's arguments are rea
 dtl runs its quickstart config as a user would (its plan: the probe, then the layers its stages
 name); timm runs a plain fine-tune of every layer, its usual recipe (train.py cannot freeze groups).
 The img/s goal is about the fully unfrozen step, so `img_per_s_ratio` takes only dtl's epochs that
-train every group (None if the plan never does; `plan_img_per_s_ratio` takes them all). The tools alternate (dtl, timm, dtl,
-timm, ...) so that a slow spell of the shared machine hits both.
+train every group (None if the plan never does; `plan_img_per_s_ratio` takes them all). The tools
+alternate (dtl, timm, dtl, timm, ...) so that a slow spell of the shared machine hits both.
 
 dtl's first point is its probe (`probe.safetensors`, "epoch 0"): a model it hands the user when the
 probe ends, so it counts for the time to reach timm's final accuracy as any epoch's weights do.
@@ -89,7 +89,8 @@ def run_dtl(args, out: Path, env: dict) -> dict:
 
 
 def dtl_config(args):
-    """dtl's run config with the bench's overrides: the source of timm's matching arguments."""
+    """dtl's run config with the bench's overrides: the source of timm's matching arguments. Fills
+    `args.img_size` / `args.backbone` from it when not given, and refuses what timm cannot match."""
     from dtl.run_config import load_config
 
     cfg = load_config(REPO / args.config, [f"data.root={REPO / args.data}", *args.dtl_set])
