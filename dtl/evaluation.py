@@ -65,11 +65,11 @@ def predict_logits(net: torch.nn.Module, x: torch.Tensor, tta: str) -> torch.Ten
 def evaluate(accelerator: Accelerator, strategy: ParallelStrategy, model: torch.nn.Module, data: Data,
              stream: ShardStream, num_classes: int, split: str, input_size: list[int],
              max_samples: int = MAX_SAMPLES, tta: str = "none", cached: Optional[tuple] = None,
-             channels_last: bool = False) -> EvalResult:
+             channels_last: bool = False, logit_offset: Optional[torch.Tensor] = None) -> EvalResult:
     """Run `model` over the split; ranks may hold one batch more or less (FSDP ranks join).
 
     `cached`: (batches, head) to evaluate the head on cached features of a frozen backbone instead
-    (the batches hold the features as "image")."""
+    (the batches hold the features as "image"). `logit_offset`: added to every logit (prior_correction)."""
     net = strategy.eval_module(model) if cached is None else cached[1]
     net.eval()
     dev = accelerator.device
@@ -92,6 +92,8 @@ def evaluate(accelerator: Accelerator, strategy: ParallelStrategy, model: torch.
                 continue
             with accelerator.autocast():
                 logits = predict_logits(net, x, tta)
+            if logit_offset is not None:
+                logits = logits.float() + logit_offset
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             confusion_update(cm, logits.argmax(1), y)
             room = keep - len(keys)

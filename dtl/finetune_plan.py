@@ -30,6 +30,11 @@ class FinetunePlan:
     def __init__(self, cfg: FinetuneConfig, groups: list[LayerGroup], head_lr: float):
         self.cfg, self.groups = cfg, groups
         n = len(groups)
+        for i, s in enumerate(cfg.stages):
+            # a set plan asking for more groups than the model has was meant for another backbone: say so
+            if "stages" in cfg.model_fields_set and s.train != "all" and int(s.train) > n:
+                raise ConfigError(f"finetune.stages[{i}].train={s.train}: the model has only {n} layer groups "
+                                  f"(see `dtl groups MODEL`); use at most {n}, or 'all'")
         self.stages = [Stage(i, s.epoch, self._first_group(s, n), s.lr_mult) for i, s in enumerate(cfg.stages)]
         self.group_lrs = self._group_lrs(cfg, n, head_lr)
 
@@ -62,15 +67,19 @@ class FinetunePlan:
                 return s.epoch
         return 1 << 30
 
-    def describe(self) -> str:
+    def describe(self, epochs: Optional[int] = None) -> str:
+        """The plan as printed at the start of a run; with `epochs`, stages that start at or after
+        the last epoch say they never run, and groups only they would train show as frozen."""
         n = len(self.groups)
+        reached = [s for s in self.stages if epochs is None or s.epoch < epochs] or self.stages[:1]
         lines = [f"fine-tune plan: {n} layer groups, {len(self.stages)} stages"]
         for s in self.stages:
             names = [g.name for g in self.groups[s.first_group:]]
             shown = names if len(names) <= 4 else [names[0], "...", *names[-2:]]
+            never_runs = "" if s in reached else f" - never runs: epochs={epochs}"
             lines.append(f"  stage {s.index}: from epoch {s.epoch}, train {n - s.first_group}/{n} groups "
-                         f"({', '.join(shown)}), lr x{s.lr_mult:g}")
-        never = min(s.first_group for s in self.stages)  # groups no stage trains: their rate is never used
+                         f"({', '.join(shown)}), lr x{s.lr_mult:g}{never_runs}")
+        never = min(s.first_group for s in reached)  # groups no stage trains: their rate is never used
         rates = ["frozen" if i < never else f"{lr:.2e}" for i, lr in enumerate(self.group_lrs)]
         lines.append("  group lr: " + ", ".join(f"{g.name}={r}" for g, r in zip(self.groups, rates)))
         return "\n".join(lines)

@@ -280,6 +280,10 @@ class EvalConfig(_Strict):
                             "quarter turns (dihedral: for data trained with augment.rot90)")
     tta_val: bool = Field(False, description="also in every validation, so best.safetensors is picked by TTA "
                                              "metrics (costs 2x (hflip), 4x (flips) or 8x (dihedral) validation time)")
+    prior_correction: bool = Field(True, description=(
+        "with data.balanced_sampling: add power * log(class count) to the logits in every evaluation and fold "
+        "it into the exported head's bias, so predictions and probabilities follow the data's class "
+        "frequencies, not the sampler's (the sampler still shows the rare classes more often in training)"))
 
 
 class Config(_Strict):

@@ -14,8 +14,10 @@ from typing import Optional
 import torch
 
 from dtl import checkpoints as ckpt
+from dtl.backbones import head_name
 from dtl.classifier_heads import head_spec
 from dtl.evaluation import EvalResult, evaluate
+from dtl.prior_correction import fold_into_bias
 from dtl.run_config import Config
 
 
@@ -49,7 +51,7 @@ def evaluate_split(run, split: str) -> Optional[EvalResult]:
         cached = run.features.val_batches(), run.features.head()
     result = evaluate(run.accelerator, run.strategy, run.model, run.data, stream, len(run.classes), split,
                       run.pre["input_size"], tta=tta, cached=cached,
-                      channels_last=run.cfg.model.channels_last)
+                      channels_last=run.cfg.model.channels_last, logit_offset=run.logit_offset)
     run.events.eval_end(run, split, result)
     return result
 
@@ -78,9 +80,13 @@ def export_meta(run) -> dict:
 
 def export(run, name: str, source: str = "model") -> None:
     """`output_dir/NAME` as safetensors with everything prediction needs; every rank calls it.
-    `source="ema"` exports the moving average instead of the trained weights."""
+    `source="ema"` exports the moving average instead of the trained weights. The prior correction
+    of balanced sampling is folded into the head's bias: the file predicts as evaluation did."""
     state_dict = run.ema.module.state_dict() if source == "ema" else run.strategy.full_state_dict(run.model)
     if run.accelerator.is_main_process:
+        if run.logit_offset is not None:
+            net = run.accelerator.unwrap_model(run.model)
+            state_dict = fold_into_bias(state_dict, head_name(net), run.logit_offset.cpu())
         ckpt.export_model(state_dict, run.out / name, export_meta(run))
 
 
@@ -90,7 +96,7 @@ def evaluate_ema(run) -> Optional[EvalResult]:
         return None
     run.strategy.sync_batchnorm(run.ema.module)
     return evaluate(run.accelerator, run.strategy, run.ema.module, run.data, run.data.val, len(run.classes),
-                    "val_ema", run.pre["input_size"], tta=split_tta(run.cfg, "val"))
+                    "val_ema", run.pre["input_size"], tta=split_tta(run.cfg, "val"), logit_offset=run.logit_offset)
 
 
 def select_best(run, epoch: int, candidates: dict[str, Optional[EvalResult | dict]]) -> None:
@@ -156,6 +162,7 @@ def _test_best(run, final: Optional[EvalResult]) -> Optional[EvalResult]:
         return final  # FSDP: the sharded model cannot take a full state dict here; final weights reported
     net = run.accelerator.unwrap_model(run.model)
     net.load_state_dict(ckpt.load_file(str(run.out / "best.safetensors")))
+    run.logit_offset = None  # the export holds the prior correction in its bias already
     return evaluate_split(run, "test")
 
 

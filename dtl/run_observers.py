@@ -57,7 +57,7 @@ class Console(Observer):
         print(f"data: {run.data.train.source.total} train samples, {run.steps_per_epoch} steps/epoch of "
               f"{cfg.data.batch_size} x {acc.num_processes} x {cfg.optim.grad_accum_steps}; "
               f"input {run.pre['input_size'][1:]}" + _ramp_line(run))
-        print(run.plan.describe(), flush=True)
+        print(run.plan.describe(run.cfg.epochs), flush=True)
 
     def stage_start(self, run, stage, n_trainable: int) -> None:
         n = len(run.plan.groups)
@@ -122,6 +122,10 @@ class StepRows:
     step. W&B keeps one history row per step and may already have written the row when a second
     log for that step arrives, and then drops it (seen here as a flaky missing `val/acc`), so
     records of one step are merged here and sent once the step moves on (or at `flush`).
+
+    Each row goes to W&B committed (`commit=True`), written at once: uncommitted, a row waits in
+    wandb's service for the next step or the run's finish, and a CI run under load still lost
+    one epoch's row that way (a `val/acc` missing from the offline run file).
     """
 
     def __init__(self, accelerator):
@@ -137,7 +141,7 @@ class StepRows:
 
     def flush(self) -> None:
         if self.row:
-            self.accelerator.log(self.row, step=self.step)
+            self.accelerator.log(self.row, step=self.step, log_kwargs={"wandb": {"commit": True}})
             self.row = {}
 
 

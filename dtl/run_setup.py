@@ -24,7 +24,7 @@ from timm.utils import ModelEmaV3
 from torch.optim.lr_scheduler import LambdaLR
 
 from dtl import checkpoints as ckpt
-from dtl.backbones import create_classifier, preprocessing
+from dtl.backbones import create_classifier, head_name, preprocessing
 from dtl.cpu_threads import configure_cpu_threads
 from dtl.data_pipeline import (Data, build_data, check_training_sizes, class_weights, prepare_shards, run_classes,
                                training_sizes)
@@ -35,6 +35,7 @@ from dtl.optimization import build_optimizer, build_scheduler
 from dtl.parallel_strategy import ParallelStrategy, create_accelerator, is_sharded
 from dtl.worker_server import start_worker_server
 from dtl.preemption import PreemptionHandler
+from dtl.prior_correction import output_bias_key, prior_offset
 from dtl.feature_cache import FrozenFeatureCache, build_cache
 from dtl.run_config import Config, ConfigError, config_changes, dump_config
 from dtl.run_finish import model_build
@@ -69,6 +70,7 @@ class Run:
     ema: Optional[ModelEmaV3] = None   # moving average of the weights (`ema.enabled`)
     mixup: Optional[Mixup] = None      # timm's mixup/cutmix of a batch (its loss takes soft targets)
     features: Optional[FrozenFeatureCache] = None   # cached backbone features for head-only stages
+    logit_offset: Optional[torch.Tensor] = None     # undoes balanced sampling's prior in evaluation (prior_correction)
 
     @property
     def monitor_key(self) -> str:
@@ -166,7 +168,19 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
               steps_per_epoch * cfg.optim.grad_accum_steps, resume_from, time.time(), state.wall_time_s,
               ema, mixup)
     run.features = build_cache(run)
+    run.logit_offset = _logit_offset(cfg, data, accelerator.unwrap_model(model), len(classes), accelerator.device)
     return run
+
+
+def _logit_offset(cfg: Config, data: Data, net: nn.Module, num_classes: int, device) -> Optional[torch.Tensor]:
+    """`eval.prior_correction`'s offset on the device, after checking the head has a bias to fold it into."""
+    offset = prior_offset(cfg, data.train.source.class_counts if data.train is not None else None)
+    if offset is None:
+        return None
+    if output_bias_key(net.state_dict(), head_name(net), num_classes) is None:
+        raise ConfigError(f"eval.prior_correction: {cfg.model.backbone}'s head has no output bias to fold the "
+                          f"correction into; set eval.prior_correction=false")
+    return offset.to(device)
 
 
 def _loss(cfg: Config, data: Data, classes: list[str], accelerator: Accelerator) -> tuple[nn.Module, Optional[Mixup]]:

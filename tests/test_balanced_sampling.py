@@ -100,3 +100,71 @@ def test_balanced_sampling_trains_and_refuses_what_it_cannot_do(skewed_shards, t
     pre = {"input_size": [3, 16, 16], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
     with pytest.raises(DataError, match="balanced_sampling needs the 'train' split's class counts"):
         build_data(no_counts, pre, CLASSES, 0, 1, None)
+
+
+def test_prior_correction_folded_into_the_head_gives_the_logits_plus_the_offset():
+    """Bayes' rule back to the data's prior: logits + power * log(count), in the exported bias too."""
+    from dtl.backbones import create_classifier, head_name
+    from dtl.prior_correction import fold_into_bias, prior_offset
+    from dtl.run_config import Config
+
+    def config(**extra):
+        return Config.model_validate({"data": {"root": "x", **extra.pop("data", {})}, "model": {"backbone": "x"}, **extra})
+
+    offset = prior_offset(config(data={"balanced_sampling": 0.5}), COUNTS)
+    expected = torch.tensor([0.5 * torch.tensor(float(c)).log() for c in COUNTS])
+    assert torch.allclose(offset, expected - expected.mean())
+    assert prior_offset(config(data={"balanced_sampling": 0.5}, eval={"prior_correction": False}), COUNTS) is None
+    assert prior_offset(config(), COUNTS) is None  # no resampling: nothing to undo
+    x = torch.randn(4, 3, 32, 32)
+    for kwargs, n in (({}, 3), ({"head": {"hidden": [16], "binary": True}}, 2)):
+        net = create_classifier("test_efficientnet", n, **kwargs).eval()
+        off = offset[:n] - offset[:n].mean()
+        with torch.no_grad():
+            want = net(x) + off
+            net.load_state_dict(fold_into_bias(net.state_dict(), head_name(net), off))
+            got = net(x)
+        # the binary head's logits [0, z] are a softmax's up to a constant: compare the differences
+        assert torch.allclose(got - got[:, :1], want - want[:, :1], atol=1e-5), kwargs
+
+
+@pytest.fixture(scope="module")
+def skewed_splits(tmp_path_factory) -> Path:
+    """The 12:3:1 classes in train, val and test."""
+    root = tmp_path_factory.mktemp("skewed_splits")
+    labels = [c for c, n in enumerate(COUNTS) for _ in range(n)]
+    for split, start in (("train", 0), ("val", 1), ("test", 2)):
+        with wds.TarWriter(str(root / f"{split}-0.tar")) as sink:
+            for n in range(start, len(labels), 1 if split == "train" else 3):
+                sink.write({"__key__": f"{split}{n:04d}", "png": encode(make_image(labels[n], n, size=16), "PNG"),
+                            "cls": labels[n]})
+    index_shards(root, {s: f"{s}-0.tar" for s in ("train", "val", "test")}, CLASSES)
+    return root
+
+
+def test_a_balanced_run_evaluates_and_exports_under_the_real_prior(skewed_splits, tmp_path):
+    """The run's test metrics are those of its exported best.safetensors under `dtl eval`: the correction
+    evaluation applied is in the file; without it the rare classes are predicted more often."""
+    import json
+    import subprocess
+    import sys
+
+    from dtl.run_config import Config
+    from dtl.train import train
+
+    base = {"data.balanced_sampling": 0.75, "data.img_size": 16, "finetune.stages": [{"epoch": 0, "train": "all"}],
+            "epochs": 2, "checkpoint.monitor": "val/loss"}
+    runs = {}
+    for correct in (True, False):
+        cfg = tiny_config(tmp_path / str(correct), skewed_splits, **base, **{"eval.prior_correction": correct})
+        runs[correct] = train(Config.model_validate(cfg)).summary, Path(cfg["output_dir"])
+    for correct, (summary, out) in runs.items():
+        r = subprocess.run([sys.executable, "-m", "dtl.cli", "eval", str(out / "best.safetensors"), "--data",
+                            str(skewed_splits), "--num-workers", "0", "--out", str(out / "ev")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        ev = json.loads((out / "ev" / "eval.json").read_text())
+        assert ev["confusion"] == summary["test/confusion"] and ev["loss"] == pytest.approx(summary["test/loss"])
+    # same training (the sampler and seed are the same), the corrected run predicts the big class more often
+    predicted_big = {c: sum(row[0] for row in runs[c][0]["test/confusion"]) for c in runs}
+    assert predicted_big[True] >= predicted_big[False]

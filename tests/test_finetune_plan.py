@@ -9,7 +9,7 @@ from dtl.backbones import create_classifier
 from dtl.finetune_plan import FinetunePlan, freeze_batchnorm, set_trainable
 from dtl.layer_groups import GroupingError, layer_groups, torchvision_family
 from dtl.optimization import build_optimizer, build_scheduler
-from dtl.run_config import FinetuneConfig, OptimConfig, StageConfig
+from dtl.run_config import ConfigError, FinetuneConfig, OptimConfig, StageConfig
 
 
 def _plan(model, **kw):
@@ -170,3 +170,18 @@ def test_the_plan_printout_marks_groups_no_stage_trains_as_frozen():
     staged = FinetunePlan(FinetuneConfig(stages=[StageConfig(epoch=0, train=1), StageConfig(epoch=1, train="all")]),
                           layer_groups(model), 1e-3).describe()
     assert "frozen" not in staged
+    # with epochs=1 the second stage never starts: said on its line, and the groups only it trains are frozen
+    short = FinetunePlan(FinetuneConfig(stages=[StageConfig(epoch=0, train=1), StageConfig(epoch=1, train="all")]),
+                         layer_groups(model), 1e-3).describe(epochs=1).splitlines()
+    assert short[2].endswith("- never runs: epochs=1") and not short[1].endswith("epochs=1")
+    assert short[-1].count("=frozen") == 8
+
+
+def test_a_stage_asking_for_more_groups_than_the_model_has_is_refused_by_name():
+    """`train: 9` on a 6-group resnet18 once meant 'all' silently: a plan written for another backbone."""
+    groups = layer_groups(create_classifier("resnet18", 3))
+    cfg = FinetuneConfig(stages=[StageConfig(epoch=0, train=1), StageConfig(epoch=2, train=9)])
+    with pytest.raises(ConfigError, match=r"finetune.stages\[1\].train=9: the model has only 6 layer groups"):
+        FinetunePlan(cfg, groups, 1e-3)
+    assert FinetunePlan(FinetuneConfig(stages=[StageConfig(epoch=0, train=6)]), groups, 1e-3).stages[0].first_group == 0
+    assert FinetunePlan(FinetuneConfig(), groups[:2], 1e-3).stages[1].first_group == 0  # the default plan adapts
