@@ -54,11 +54,16 @@ def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     return views
 
 
-def predict_logits(net: torch.nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
-    """Logits, or with TTA the log of the softmax averaged over the views (a proper distribution)."""
+def predict_logits(net: torch.nn.Module, x: torch.Tensor, tta: str,
+                   offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Logits, or with TTA the log of the softmax averaged over the views (a proper distribution);
+    `offset` is added to each view's logits, exactly as an export with it folded into its bias does."""
+    def logits(v: torch.Tensor) -> torch.Tensor:
+        return net(v) if offset is None else net(v).float() + offset
+
     if tta == "none":
-        return net(x)
-    probs = torch.stack([net(v).float().softmax(1) for v in tta_views(x, tta)]).mean(0)
+        return logits(x)
+    probs = torch.stack([logits(v).float().softmax(1) for v in tta_views(x, tta)]).mean(0)
     return probs.clamp_min(1e-12).log()
 
 
@@ -91,9 +96,7 @@ def evaluate(accelerator: Accelerator, strategy: ParallelStrategy, model: torch.
                     predict_logits(net, torch.zeros(1, *input_size, device=dev), tta)
                 continue
             with accelerator.autocast():
-                logits = predict_logits(net, x, tta)
-            if logit_offset is not None:
-                logits = logits.float() + logit_offset
+                logits = predict_logits(net, x, tta, logit_offset)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             confusion_update(cm, logits.argmax(1), y)
             room = keep - len(keys)

@@ -13,7 +13,7 @@ from typing import Optional
 from torch import nn
 
 from dtl.layer_groups import LayerGroup
-from dtl.run_config import ConfigError, FinetuneConfig, StageConfig
+from dtl.run_config import ConfigError, FinetuneConfig, StageConfig, _default_stages
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class FinetunePlan:
         n = len(groups)
         for i, s in enumerate(cfg.stages):
             # a set plan asking for more groups than the model has was meant for another backbone: say so
-            if "stages" in cfg.model_fields_set and s.train != "all" and int(s.train) > n:
+            if cfg.stages != _default_stages() and s.train != "all" and int(s.train) > n:
                 raise ConfigError(f"finetune.stages[{i}].train={s.train}: the model has only {n} layer groups "
                                   f"(see `dtl groups MODEL`); use at most {n}, or 'all'")
         self.stages = [Stage(i, s.epoch, self._first_group(s, n), s.lr_mult) for i, s in enumerate(cfg.stages)]

@@ -14,6 +14,7 @@ import math
 from typing import Optional
 
 import torch
+from torch import nn
 
 from dtl.run_config import Config
 
@@ -28,20 +29,22 @@ def prior_offset(cfg: Config, class_counts: Optional[list[int]]) -> Optional[tor
     return logs - logs.mean()
 
 
-def output_bias_key(state_dict: dict[str, torch.Tensor], head: str, num_classes: int) -> Optional[str]:
-    """The bias of the head's output layer: the last `HEAD.*bias` with one value per class (or one
-    value in all, the binary head's single logit)."""
-    keys = [k for k, v in state_dict.items() if (k == f"{head}.bias" or (k.startswith(f"{head}.") and
-            k.endswith(".bias"))) and tuple(v.shape) in ((num_classes,), (1,))]
-    return keys[-1] if keys else None
+def output_bias_key(net: nn.Module, head: str, num_classes: int) -> Optional[str]:
+    """State-dict key of the bias of the head's output layer (its last Linear, with one output per
+    class, or one in all for the binary head's single logit), or None when it has no bias."""
+    layers = [(name, m) for name, m in net.get_submodule(head).named_modules() if isinstance(m, nn.Linear)]
+    if not layers:
+        return None
+    name, last = layers[-1]
+    if last.bias is None or last.out_features not in (num_classes, 1 if num_classes == 2 else num_classes):
+        return None
+    return f"{head}.{name}.bias" if name else f"{head}.bias"
 
 
-def fold_into_bias(state_dict: dict[str, torch.Tensor], head: str, offset: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A copy of `state_dict` whose head predicts with `offset` added to its logits (a binary head's
-    single logit z stands for the logits [0, z]: it takes the difference of the two offsets)."""
-    key = output_bias_key(state_dict, head, len(offset))
-    if key is None:
-        raise ValueError(f"no output bias under {head!r} to fold the prior correction into")
+def fold_into_bias(state_dict: dict[str, torch.Tensor], key: str, offset: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A copy of `state_dict` whose head predicts with `offset` added to its logits (`key`: the output
+    bias, from `output_bias_key`; a binary head's single logit z stands for the logits [0, z]: it
+    takes the difference of the two offsets)."""
     bias = state_dict[key]
     shift = offset if bias.numel() == len(offset) else (offset[1:] - offset[:1])
     return {**state_dict, key: bias + shift.to(bias.device, bias.dtype)}

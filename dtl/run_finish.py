@@ -17,7 +17,7 @@ from dtl import checkpoints as ckpt
 from dtl.backbones import head_name
 from dtl.classifier_heads import head_spec
 from dtl.evaluation import EvalResult, evaluate
-from dtl.prior_correction import fold_into_bias
+from dtl.prior_correction import fold_into_bias, output_bias_key
 from dtl.run_config import Config
 
 
@@ -84,10 +84,14 @@ def export(run, name: str, source: str = "model") -> None:
     of balanced sampling is folded into the head's bias: the file predicts as evaluation did."""
     state_dict = run.ema.module.state_dict() if source == "ema" else run.strategy.full_state_dict(run.model)
     if run.accelerator.is_main_process:
+        meta = export_meta(run)
         if run.logit_offset is not None:
             net = run.accelerator.unwrap_model(run.model)
-            state_dict = fold_into_bias(state_dict, head_name(net), run.logit_offset.cpu())
-        ckpt.export_model(state_dict, run.out / name, export_meta(run))
+            key = output_bias_key(net, head_name(net), len(run.classes))
+            state_dict = fold_into_bias(state_dict, key, run.logit_offset.cpu())
+            meta["prior_correction"] = {"bias": key, "offset": [round(float(v), 6) for v in run.logit_offset],
+                                        "balanced_sampling": run.cfg.data.balanced_sampling}
+        ckpt.export_model(state_dict, run.out / name, meta)
 
 
 def evaluate_ema(run) -> Optional[EvalResult]:
@@ -174,6 +178,8 @@ def finish(run, val: Optional[EvalResult]) -> RunResult:
     `test_final/*` the final weights' (model.safetensors) when they differ.
     """
     state = run.state
+    if state.epoch == 0:  # no resampled epoch trained these weights (a probe-only run): nothing to undo
+        run.logit_offset = None
     if val is None:
         val = evaluate_split(run, "val")
     selected_is_final = state.best_epoch in (None, state.epoch - 1) and state.best_source == "model"

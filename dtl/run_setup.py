@@ -177,9 +177,9 @@ def _logit_offset(cfg: Config, data: Data, net: nn.Module, num_classes: int, dev
     offset = prior_offset(cfg, data.train.source.class_counts if data.train is not None else None)
     if offset is None:
         return None
-    if output_bias_key(net.state_dict(), head_name(net), num_classes) is None:
-        raise ConfigError(f"eval.prior_correction: {cfg.model.backbone}'s head has no output bias to fold the "
-                          f"correction into; set eval.prior_correction=false")
+    if output_bias_key(net, head_name(net), num_classes) is None:
+        raise ConfigError(f"eval.prior_correction: {cfg.model.backbone}'s head has no output Linear with a bias "
+                          f"to fold the correction into; set eval.prior_correction=false")
     return offset.to(device)
 
 

@@ -105,7 +105,7 @@ def test_balanced_sampling_trains_and_refuses_what_it_cannot_do(skewed_shards, t
 def test_prior_correction_folded_into_the_head_gives_the_logits_plus_the_offset():
     """Bayes' rule back to the data's prior: logits + power * log(count), in the exported bias too."""
     from dtl.backbones import create_classifier, head_name
-    from dtl.prior_correction import fold_into_bias, prior_offset
+    from dtl.prior_correction import fold_into_bias, output_bias_key, prior_offset
     from dtl.run_config import Config
 
     def config(**extra):
@@ -122,7 +122,7 @@ def test_prior_correction_folded_into_the_head_gives_the_logits_plus_the_offset(
         off = offset[:n] - offset[:n].mean()
         with torch.no_grad():
             want = net(x) + off
-            net.load_state_dict(fold_into_bias(net.state_dict(), head_name(net), off))
+            net.load_state_dict(fold_into_bias(net.state_dict(), output_bias_key(net, head_name(net), n), off))
             got = net(x)
         # the binary head's logits [0, z] are a softmax's up to a constant: compare the differences
         assert torch.allclose(got - got[:, :1], want - want[:, :1], atol=1e-5), kwargs
@@ -143,28 +143,51 @@ def skewed_splits(tmp_path_factory) -> Path:
 
 
 def test_a_balanced_run_evaluates_and_exports_under_the_real_prior(skewed_splits, tmp_path):
-    """The run's test metrics are those of its exported best.safetensors under `dtl eval`: the correction
-    evaluation applied is in the file; without it the rare classes are predicted more often."""
+    """Same training with and without the correction: the exports differ by exactly the offset in the
+    head's output bias, and each run's test metrics (with TTA) are its exported file's under `dtl eval`."""
     import json
     import subprocess
     import sys
 
+    from safetensors.torch import load_file
+
+    from dtl.checkpoints import load_exported
+    from dtl.prior_correction import prior_offset
     from dtl.run_config import Config
     from dtl.train import train
 
     base = {"data.balanced_sampling": 0.75, "data.img_size": 16, "finetune.stages": [{"epoch": 0, "train": "all"}],
-            "epochs": 2, "checkpoint.monitor": "val/loss"}
+            "epochs": 2, "checkpoint.monitor": "val/loss", "eval.tta": "hflip"}
     runs = {}
     for correct in (True, False):
         cfg = tiny_config(tmp_path / str(correct), skewed_splits, **base, **{"eval.prior_correction": correct})
-        runs[correct] = train(Config.model_validate(cfg)).summary, Path(cfg["output_dir"])
-    for correct, (summary, out) in runs.items():
+        runs[correct] = train(Config.model_validate(cfg)).summary, Path(cfg["output_dir"]), cfg
+    for correct, (summary, out, _) in runs.items():
         r = subprocess.run([sys.executable, "-m", "dtl.cli", "eval", str(out / "best.safetensors"), "--data",
-                            str(skewed_splits), "--num-workers", "0", "--out", str(out / "ev")],
+                            str(skewed_splits), "--num-workers", "0", "--tta", "hflip", "--out", str(out / "ev")],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         ev = json.loads((out / "ev" / "eval.json").read_text())
         assert ev["confusion"] == summary["test/confusion"] and ev["loss"] == pytest.approx(summary["test/loss"])
-    # same training (the sampler and seed are the same), the corrected run predicts the big class more often
-    predicted_big = {c: sum(row[0] for row in runs[c][0]["test/confusion"]) for c in runs}
-    assert predicted_big[True] >= predicted_big[False]
+    (on, out_on, cfg_on), (off, out_off, _) = runs[True], runs[False]
+    _, meta = load_exported(out_on / "model.safetensors")
+    key = meta["prior_correction"]["bias"]
+    shift = load_file(str(out_on / "model.safetensors"))[key] - load_file(str(out_off / "model.safetensors"))[key]
+    assert torch.allclose(shift, prior_offset(Config.model_validate(cfg_on), COUNTS), atol=1e-5)
+    assert "prior_correction" not in load_exported(out_off / "model.safetensors")[1]
+    assert on["test/loss"] != pytest.approx(off["test/loss"])
+
+
+def test_a_probe_only_run_is_not_corrected(skewed_splits, tmp_path):
+    """The probe trains on every row once, unresampled: a run of the probe alone has no prior to undo."""
+    from dtl.checkpoints import load_exported
+    from dtl.run_config import Config
+    from dtl.train import train
+
+    cfg = tiny_config(tmp_path, skewed_splits, epochs=0, **{"data.balanced_sampling": 0.75, "data.img_size": 16,
+                                                            "finetune.probe.enabled": True})
+    summary = train(Config.model_validate(cfg)).summary
+    out = Path(cfg["output_dir"])
+    assert summary["best_epoch"] == 0 and summary["test/samples"] > 0
+    assert "prior_correction" not in load_exported(out / "model.safetensors")[1]
+    assert "prior_correction" not in load_exported(out / "probe.safetensors")[1]
