@@ -30,9 +30,10 @@ class FinetunePlan:
     def __init__(self, cfg: FinetuneConfig, groups: list[LayerGroup], head_lr: float):
         self.cfg, self.groups = cfg, groups
         n = len(groups)
+        written = cfg.stages != _default_stages()  # the default plan adapts to small models; a written one must fit
         for i, s in enumerate(cfg.stages):
-            # a set plan asking for more groups than the model has was meant for another backbone: say so
-            if cfg.stages != _default_stages() and s.train != "all" and int(s.train) > n:
+            # a written plan asking for more groups than the model has was meant for another backbone: say so
+            if written and s.train != "all" and int(s.train) > n:
                 raise ConfigError(f"finetune.stages[{i}].train={s.train}: the model has only {n} layer groups "
                                   f"(see `dtl groups MODEL`); use at most {n}, or 'all'")
         self.stages = [Stage(i, s.epoch, self._first_group(s, n), s.lr_mult) for i, s in enumerate(cfg.stages)]
