@@ -15,6 +15,13 @@ The img/s goal is about the fully unfrozen step, so `img_per_s_ratio` takes only
 train every group (None if the plan never does; `plan_img_per_s_ratio` takes them all). The tools
 alternate (dtl, timm, dtl, timm, ...) so that a slow spell of the shared machine hits both.
 
+dtl may train on class-balanced epochs (`data.balanced_sampling`, the quickstart's; timm's train.py
+has no such sampler, so timm trains on the data as it is, its usual recipe): dtl's per-epoch
+checkpoints hold the raw weights, so they are tested with the prior correction dtl's evaluation adds
+and its exports fold in (`eval.prior_correction`), i.e. as the model dtl would hand over after that
+epoch; the probe (trained unresampled), best and final exports need none. `data.class_weights` is
+refused (no correction exists for it).
+
 dtl's first point is its probe (`probe.safetensors`, "epoch 0"): a model it hands the user when the
 probe ends, so it counts for the time to reach timm's final accuracy as any epoch's weights do.
 
@@ -77,7 +84,8 @@ def run_dtl(args, out: Path, env: dict) -> dict:
     for r, ck in zip(epochs, ckpts[-len(epochs):]):
         per_epoch.append({"epoch": r["epoch"] + 1, "t_s": r["time"] - t0, "weights": str(ck / "model.safetensors"),
                           "img_per_s": r.get("train/img_per_s"), "val_acc": r.get("val/acc"),
-                          "all_trainable": r.get("trainable_params") == args.params})
+                          "all_trainable": r.get("trainable_params") == args.params,
+                          "logit_offset": epoch_offset(args.cfg)})
     probe = next((r for r in records if "probe/epochs" in r), None)
     if probe is not None and (out / "probe.safetensors").is_file():  # the probe's model is usable when it ends
         per_epoch.insert(0, {"epoch": 0, "t_s": probe["time"] - t0, "weights": str(out / "probe.safetensors"),
@@ -104,10 +112,22 @@ def dtl_config(args):
     if cfg.data.augment.rot90 or cfg.eval.tta == "dihedral":
         raise SystemExit(f"{args.config}: timm's train.py has no quarter turns (augment.rot90, tta dihedral); "
                          f"--dtl-set data.augment.rot90=0 eval.tta=flips compares the rest")
-    if cfg.data.balanced_sampling or cfg.data.class_weights:
-        raise SystemExit(f"{args.config}: timm's train.py has no class-balanced sampling or loss weights; "
-                         f"--dtl-set data.balanced_sampling=0 data.class_weights=false compares the rest")
+    if cfg.data.class_weights:
+        raise SystemExit(f"{args.config}: data.class_weights tilts the prior with no correction to evaluate its "
+                         f"checkpoints with; --dtl-set data.class_weights=false compares the rest")
     return cfg
+
+
+def epoch_offset(cfg) -> list[float] | None:
+    """The logit offset dtl's evaluation adds to (and its exports fold into) weights trained on
+    balanced epochs (dtl/prior_correction.py): the per-epoch checkpoints hold the raw weights, so
+    they are tested with it, as the model dtl would hand over after that epoch."""
+    from dtl.dataset_index import read_index
+    from dtl.prior_correction import prior_offset
+
+    counts = read_index(cfg.data.root)["splits"][cfg.data.train_split].get("class_counts")
+    offset = prior_offset(cfg, counts)
+    return None if offset is None else offset.tolist()
 
 
 def backbone_preprocessing(cfg) -> dict:
@@ -193,8 +213,9 @@ def load_weights(backbone: str, path: str, num_classes: int) -> torch.nn.Module:
     return model.eval()
 
 
-def test_metrics(model: torch.nn.Module, folder: Path, pre: dict) -> dict:
-    """Accuracy and macro-F1 on the test split, one eval transform (dtl's for the backbone) for both tools."""
+def test_metrics(model: torch.nn.Module, folder: Path, pre: dict, offset: list[float] | None = None) -> dict:
+    """Accuracy and macro-F1 on the test split, one eval transform (dtl's for the backbone) for both
+    tools; `offset` is added to the logits (a dtl checkpoint trained on balanced epochs)."""
     from torchvision.datasets import ImageFolder
 
     from dtl.classification_metrics import confusion_update, summarize
@@ -205,7 +226,8 @@ def test_metrics(model: torch.nn.Module, folder: Path, pre: dict) -> dict:
     cm = torch.zeros(len(ds.classes), len(ds.classes), dtype=torch.long)
     with torch.inference_mode():
         for x, y in torch.utils.data.DataLoader(ds, batch_size=64, num_workers=2):
-            confusion_update(cm, model(x).argmax(1), y)
+            logits = model(x)
+            confusion_update(cm, (logits if offset is None else logits + torch.tensor(offset)).argmax(1), y)
     m = summarize(cm)
     return {"acc": m["acc"], "macro_f1": m["macro_f1"]}
 
@@ -276,7 +298,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     for run in runs:
         for e in run["epochs"]:
-            m = test_metrics(load_weights(args.backbone, e["weights"], args.num_classes), folder, args.pre)
+            m = test_metrics(load_weights(args.backbone, e["weights"], args.num_classes), folder, args.pre,
+                             e.get("logit_offset"))
             e["test_acc"], e["test_macro_f1"] = m["acc"], m["macro_f1"]
         for which in ("best", "final"):
             m = test_metrics(load_weights(args.backbone, run[f"{which}_weights"], args.num_classes), folder, args.pre)

@@ -179,13 +179,11 @@ def run_probe(run) -> ProbeResult:
     install_head(run, head)
     t2 = time.time()
     run.state.probe_done = True
-    offset, run.logit_offset = run.logit_offset, None  # the probe trains on the real class frequencies
     checked = evaluate_split(run, "val")  # the installed model, through the same evaluation as every epoch
     if checked is not None:
         val = checked.metrics
         select_best(run, -1, {"model": val})
     export(run, "probe.safetensors")  # the feature-extractor answer, usable at once whatever is selected later
-    run.logit_offset = offset
     if fresh is not None:  # the probe stays a best-model candidate; fine-tuning starts from the fresh head
         install_head(run, fresh)
     result = ProbeResult(epochs, best_epoch, val, len(y), t1 - t0, t2 - t1)

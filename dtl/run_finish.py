@@ -40,8 +40,10 @@ def split_tta(cfg, split: str) -> str:
     return cfg.eval.tta if split != "val" or cfg.eval.tta_val else "none"
 
 
-def evaluate_split(run, split: str) -> Optional[EvalResult]:
-    """Evaluate the `val` or `test` split (None when the dataset has none) and announce the result."""
+def evaluate_split(run, split: str, holds_offset: bool = False) -> Optional[EvalResult]:
+    """Evaluate the `val` or `test` split (None when the dataset has none) and announce the result.
+    `holds_offset`: the model's weights were loaded from an export, whose bias holds the prior
+    correction already."""
     stream = {"val": run.data.val, "test": run.data.test, "test_final": run.data.test}[split]
     if stream is None:
         return None
@@ -51,7 +53,7 @@ def evaluate_split(run, split: str) -> Optional[EvalResult]:
         cached = run.features.val_batches(), run.features.head()
     result = evaluate(run.accelerator, run.strategy, run.model, run.data, stream, len(run.classes), split,
                       run.pre["input_size"], tta=tta, cached=cached,
-                      channels_last=run.cfg.model.channels_last, logit_offset=run.logit_offset)
+                      channels_last=run.cfg.model.channels_last, logit_offset=None if holds_offset else run.logit_offset)
     run.events.eval_end(run, split, result)
     return result
 
@@ -166,8 +168,7 @@ def _test_best(run, final: Optional[EvalResult]) -> Optional[EvalResult]:
         return final  # FSDP: the sharded model cannot take a full state dict here; final weights reported
     net = run.accelerator.unwrap_model(run.model)
     net.load_state_dict(ckpt.load_file(str(run.out / "best.safetensors")))
-    run.logit_offset = None  # the export holds the prior correction in its bias already
-    return evaluate_split(run, "test")
+    return evaluate_split(run, "test", holds_offset=True)
 
 
 def finish(run, val: Optional[EvalResult]) -> RunResult:
@@ -178,8 +179,6 @@ def finish(run, val: Optional[EvalResult]) -> RunResult:
     `test_final/*` the final weights' (model.safetensors) when they differ.
     """
     state = run.state
-    if state.epoch == 0:  # no resampled epoch trained these weights (a probe-only run): nothing to undo
-        run.logit_offset = None
     if val is None:
         val = evaluate_split(run, "val")
     selected_is_final = state.best_epoch in (None, state.epoch - 1) and state.best_source == "model"

@@ -70,7 +70,7 @@ class Run:
     ema: Optional[ModelEmaV3] = None   # moving average of the weights (`ema.enabled`)
     mixup: Optional[Mixup] = None      # timm's mixup/cutmix of a batch (its loss takes soft targets)
     features: Optional[FrozenFeatureCache] = None   # cached backbone features for head-only stages
-    logit_offset: Optional[torch.Tensor] = None     # undoes balanced sampling's prior in evaluation (prior_correction)
+    prior_offset: Optional[torch.Tensor] = None     # undoes balanced sampling's prior (prior_correction)
 
     @property
     def monitor_key(self) -> str:
@@ -82,6 +82,13 @@ class Run:
         """+1 when larger is better, -1 when smaller is."""
         mode = self.cfg.checkpoint.mode
         return -1.0 if mode == "min" or (mode == "auto" and self.monitor_key == "loss") else 1.0
+
+    @property
+    def logit_offset(self) -> Optional[torch.Tensor]:
+        """The offset evaluation adds to the model's logits and exports fold into its bias: the prior
+        correction once a training step on resampled batches has changed the weights; before it (the
+        probe, trained on the real frequencies; a probe-only run) the weights answer for the real prior."""
+        return self.prior_offset if self.state.step > 0 else None
 
     def wants_probe(self) -> bool:
         """LP-FT's probe runs once, at the start of a fresh run (a resumed one has its head)."""
@@ -131,6 +138,7 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     resume_from, saved = _find_resume(accelerator, cfg, out)
     model, classes, plan, pre = _build_model(accelerator, cfg)
     state = _train_state(cfg, classes, plan, saved, resume_from)  # raises before anything is written
+    _check_prior_head(cfg, model, len(classes))
     _write_config(accelerator, cfg, out, resume_from)
 
     data = build_data(cfg, pre, classes, accelerator.process_index, accelerator.num_processes,
@@ -168,19 +176,23 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
               steps_per_epoch * cfg.optim.grad_accum_steps, resume_from, time.time(), state.wall_time_s,
               ema, mixup)
     run.features = build_cache(run)
-    run.logit_offset = _logit_offset(cfg, data, accelerator.unwrap_model(model), len(classes), accelerator.device)
+    run.prior_offset = _prior_offset(cfg, data, accelerator.device)
     return run
 
 
-def _logit_offset(cfg: Config, data: Data, net: nn.Module, num_classes: int, device) -> Optional[torch.Tensor]:
-    """`eval.prior_correction`'s offset on the device, after checking the head has a bias to fold it into."""
-    offset = prior_offset(cfg, data.train.source.class_counts if data.train is not None else None)
-    if offset is None:
-        return None
-    if output_bias_key(net, head_name(net), num_classes) is None:
+def _check_prior_head(cfg: Config, net: nn.Module, num_classes: int) -> None:
+    """`eval.prior_correction` folds its offset into the head's output bias: refuse a head without
+    one before anything is written."""
+    if cfg.data.balanced_sampling and cfg.eval.prior_correction and \
+            output_bias_key(net, head_name(net), num_classes) is None:
         raise ConfigError(f"eval.prior_correction: {cfg.model.backbone}'s head has no output Linear with a bias "
                           f"to fold the correction into; set eval.prior_correction=false")
-    return offset.to(device)
+
+
+def _prior_offset(cfg: Config, data: Data, device) -> Optional[torch.Tensor]:
+    """`eval.prior_correction`'s offset on the device (None when training sees the real frequencies)."""
+    offset = prior_offset(cfg, data.train.source.class_counts if data.train is not None else None)
+    return None if offset is None else offset.to(device)
 
 
 def _loss(cfg: Config, data: Data, classes: list[str], accelerator: Accelerator) -> tuple[nn.Module, Optional[Mixup]]:

@@ -191,3 +191,20 @@ def test_a_probe_only_run_is_not_corrected(skewed_splits, tmp_path):
     assert summary["best_epoch"] == 0 and summary["test/samples"] > 0
     assert "prior_correction" not in load_exported(out / "model.safetensors")[1]
     assert "prior_correction" not in load_exported(out / "probe.safetensors")[1]
+
+
+def test_prior_correction_refuses_a_head_without_an_output_bias():
+    """The offset lives in the head's output bias: a head without one is named, with the way out."""
+    from torch import nn
+
+    from dtl.backbones import create_classifier
+    from dtl.run_config import Config, ConfigError
+    from dtl.run_setup import _check_prior_head
+
+    cfg = Config.model_validate({"data": {"root": "x", "balanced_sampling": 0.5}, "model": {"backbone": "test_efficientnet"}})
+    net = create_classifier("test_efficientnet", 3)
+    _check_prior_head(cfg, net, 3)  # the built head has one
+    net.classifier = nn.Linear(net.classifier.in_features, 3, bias=False)
+    with pytest.raises(ConfigError, match="head has no output Linear with a bias.*eval.prior_correction=false"):
+        _check_prior_head(cfg, net, 3)
+    _check_prior_head(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"prior_correction": False})}), net, 3)
