@@ -52,6 +52,7 @@ def test_all(out: Path) -> list[dict]:
     from dtl.dataset_index import read_index, resolve_classes, split_source
     from dtl.device_batches import as_input
     from dtl.evaluation import predict_logits
+    from dtl.prior_correction import prior_offset
     from dtl.run_config import AugmentConfig, load_config
     from dtl.shard_stream import ShardStream, StreamOptions, make_loader
 
@@ -70,13 +71,17 @@ def test_all(out: Path) -> list[dict]:
     epochs = [r for r in records if "train/acc" in r]
     ckpts = sorted((out / "checkpoints").glob("ckpt-*"))[-len(epochs):]
     rows = []
+    # checkpoints hold the raw weights: tested with the prior correction the run's evaluation added
+    # (and its exports fold in) when it trained on balanced epochs; the probe trained unresampled
+    offset = prior_offset(cfg, read_index(cfg.data.root)["splits"][cfg.data.train_split].get("class_counts"))
     for name, rec, weights in [("probe", probe, out / "probe.safetensors"),
                                *[(f"epoch {r['epoch'] + 1}", r, c / "model.safetensors") for r, c in zip(epochs, ckpts)]]:
         net.load_state_dict({k.removeprefix("module."): v for k, v in load_file(str(weights)).items()})
         cm = torch.zeros(len(classes), len(classes), dtype=torch.long)
         with torch.inference_mode():
             for x, y in batches:
-                confusion_update(cm, predict_logits(net, x, cfg.eval.tta).argmax(1), y)
+                logits = predict_logits(net, x, cfg.eval.tta, None if name == "probe" else offset)
+                confusion_update(cm, logits.argmax(1), y)
         m = summarize(cm)
         rows.append({"candidate": name, **{k: rec[k] for k in RULES if k in rec},
                      "test/acc": m["acc"], "test/macro_f1": m["macro_f1"], "test/balanced_acc": m["balanced_acc"]})

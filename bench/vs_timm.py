@@ -85,7 +85,7 @@ def run_dtl(args, out: Path, env: dict) -> dict:
         per_epoch.append({"epoch": r["epoch"] + 1, "t_s": r["time"] - t0, "weights": str(ck / "model.safetensors"),
                           "img_per_s": r.get("train/img_per_s"), "val_acc": r.get("val/acc"),
                           "all_trainable": r.get("trainable_params") == args.params,
-                          "logit_offset": epoch_offset(args.cfg)})
+                          "logit_offset": args.offset})
     probe = next((r for r in records if "probe/epochs" in r), None)
     if probe is not None and (out / "probe.safetensors").is_file():  # the probe's model is usable when it ends
         per_epoch.insert(0, {"epoch": 0, "t_s": probe["time"] - t0, "weights": str(out / "probe.safetensors"),
@@ -285,6 +285,7 @@ def main() -> None:
     args.cfg = dtl_config(args)  # checked before any run; timm's flags come from it
     args.pre, args.num_classes = backbone_inputs(args.cfg)
     args.params = model_params(args.cfg, args.num_classes)
+    args.offset = epoch_offset(args.cfg) if args.cfg.data.balanced_sampling else None
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "imagefolder"

@@ -42,8 +42,8 @@ def split_tta(cfg, split: str) -> str:
 
 def evaluate_split(run, split: str, holds_offset: bool = False) -> Optional[EvalResult]:
     """Evaluate the `val` or `test` split (None when the dataset has none) and announce the result.
-    `holds_offset`: the model's weights were loaded from an export, whose bias holds the prior
-    correction already."""
+    `holds_offset`: the model's weights were loaded from an export, which predicts under the data's
+    class prior already (its bias holds the correction, or it needs none: the probe's)."""
     stream = {"val": run.data.val, "test": run.data.test, "test_final": run.data.test}[split]
     if stream is None:
         return None
@@ -168,6 +168,7 @@ def _test_best(run, final: Optional[EvalResult]) -> Optional[EvalResult]:
         return final  # FSDP: the sharded model cannot take a full state dict here; final weights reported
     net = run.accelerator.unwrap_model(run.model)
     net.load_state_dict(ckpt.load_file(str(run.out / "best.safetensors")))
+    # from here the model holds exported weights: nothing may evaluate or export it with run.logit_offset
     return evaluate_split(run, "test", holds_offset=True)
 
 

@@ -157,7 +157,7 @@ def test_a_balanced_run_evaluates_and_exports_under_the_real_prior(skewed_splits
     from dtl.train import train
 
     base = {"data.balanced_sampling": 0.75, "data.img_size": 16, "finetune.stages": [{"epoch": 0, "train": "all"}],
-            "epochs": 2, "checkpoint.monitor": "val/loss", "eval.tta": "hflip"}
+            "epochs": 2, "checkpoint.monitor": "val/loss", "eval.tta": "hflip", "finetune.probe.enabled": True}
     runs = {}
     for correct in (True, False):
         cfg = tiny_config(tmp_path / str(correct), skewed_splits, **base, **{"eval.prior_correction": correct})
@@ -175,6 +175,10 @@ def test_a_balanced_run_evaluates_and_exports_under_the_real_prior(skewed_splits
     shift = load_file(str(out_on / "model.safetensors"))[key] - load_file(str(out_off / "model.safetensors"))[key]
     assert torch.allclose(shift, prior_offset(Config.model_validate(cfg_on), COUNTS), atol=1e-5)
     assert "prior_correction" not in load_exported(out_off / "model.safetensors")[1]
+    # the probe trains on the real frequencies (step 0): exported as it is, the same with or without
+    probe_on, probe_off = load_file(str(out_on / "probe.safetensors")), load_file(str(out_off / "probe.safetensors"))
+    assert "prior_correction" not in load_exported(out_on / "probe.safetensors")[1]
+    assert torch.equal(probe_on[key], probe_off[key])
     assert on["test/loss"] != pytest.approx(off["test/loss"])
 
 
