@@ -43,11 +43,29 @@ def test_timm_flags_follow_the_quickstart_config(vs_timm):
     ("data.augment.rot90=0.5", "no quarter turns"),
     ("eval.tta=dihedral", "no quarter turns"),
     ("optim.schedule=step", "maps cosine only"),
-    ("data.balanced_sampling=0.5", "no class-balanced sampling"),
+    ("data.class_weights=true", "no correction"),
 ])
 def test_what_timm_cannot_match_is_refused_before_any_run(vs_timm, override, says):
     with pytest.raises(SystemExit, match=says):
         vs_timm.dtl_config(_args(override))
+
+
+def test_balanced_epochs_are_tested_with_the_prior_correction_dtl_exports(vs_timm, shard_dir):
+    """timm trains on the data as it is; dtl's raw checkpoints of balanced epochs get the offset its
+    evaluation adds and its exports fold in (dtl/prior_correction.py), and none without resampling."""
+    import torch
+
+    from dtl.dataset_index import read_index
+    from dtl.prior_correction import prior_offset
+
+    args = _args("data.balanced_sampling=0.5")
+    args.data = str(shard_dir)
+    cfg = vs_timm.dtl_config(args)  # accepted
+    counts = read_index(str(shard_dir))["splits"]["train"]["class_counts"]
+    assert torch.allclose(torch.tensor(vs_timm.epoch_offset(cfg)), prior_offset(cfg, counts))
+    args = _args()
+    args.data = str(shard_dir)
+    assert vs_timm.epoch_offset(vs_timm.dtl_config(args)) is None
 
 
 def test_size_and_backbone_come_from_the_config_and_a_contradicting_flag_is_refused(vs_timm):
