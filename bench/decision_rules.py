@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prior_shift import split_probs  # noqa: E402
@@ -40,18 +41,6 @@ def metrics(pred: torch.Tensor, labels: torch.Tensor, n: int) -> dict:
     m = summarize(cm)
     return {"acc": round(float(m["acc"]), 4), "macro_f1": round(float(m["macro_f1"]), 4),
             "confusion": cm.tolist()}
-
-
-def auc(score: torch.Tensor, positive: torch.Tensor) -> float:
-    """One-vs-rest ROC AUC by ranks (ties averaged): the chance a positive outscores a negative."""
-    order = score.argsort()
-    ranks = torch.empty_like(score)
-    ranks[order] = torch.arange(1, len(score) + 1, dtype=score.dtype)
-    for v in score.unique():  # average the ranks of tied scores
-        tied = score == v
-        ranks[tied] = ranks[tied].mean()
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / max(1, n_pos * n_neg))
 
 
 def tuned_offsets(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:
@@ -75,8 +64,8 @@ def one_run(run: Path) -> dict:
     levels = torch.linspace(0, 1, n)
     grade = lambda p: ((p * levels).sum(1) * (n - 1)).round().long()  # noqa: E731
     return {"run": str(run),
-            "test_auc_one_vs_rest": [round(auc(pt[:, c], yt == c), 4) for c in range(n)],
-            "val_auc_one_vs_rest": [round(auc(pv[:, c], yv == c), 4) for c in range(n)],
+            "test_auc_one_vs_rest": [round(roc_auc_score(yt == c, pt[:, c]), 4) for c in range(n)],
+            "val_auc_one_vs_rest": [round(roc_auc_score(yv == c, pv[:, c]), 4) for c in range(n)],
             "argmax": {"val": metrics(pv.argmax(1), yv, n), "test": metrics(pt.argmax(1), yt, n)},
             "val_tuned_offsets": {"offsets": off, "val": metrics(shifted(pv), yv, n), "test": metrics(shifted(pt), yt, n)},
             "expected_grade": {"val": metrics(grade(pv), yv, n), "test": metrics(grade(pt), yt, n)}}

@@ -52,7 +52,7 @@ def test_all(out: Path) -> list[dict]:
     from dtl.dataset_index import read_index, resolve_classes, split_source
     from dtl.device_batches import as_input
     from dtl.evaluation import predict_logits
-    from dtl.prior_correction import prior_offset
+    from dtl.prior_correction import indexed_offset
     from dtl.run_config import AugmentConfig, load_config
     from dtl.shard_stream import ShardStream, StreamOptions, make_loader
 
@@ -73,7 +73,7 @@ def test_all(out: Path) -> list[dict]:
     rows = []
     # checkpoints hold the raw weights: tested with the prior correction the run's evaluation added
     # (and its exports fold in) when it trained on balanced epochs; the probe trained unresampled
-    offset = prior_offset(cfg, read_index(cfg.data.root)["splits"][cfg.data.train_split].get("class_counts"))
+    offset = indexed_offset(cfg)
     for name, rec, weights in [("probe", probe, out / "probe.safetensors"),
                                *[(f"epoch {r['epoch'] + 1}", r, c / "model.safetensors") for r, c in zip(epochs, ckpts)]]:
         net.load_state_dict({k.removeprefix("module."): v for k, v in load_file(str(weights)).items()})

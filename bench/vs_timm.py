@@ -122,11 +122,9 @@ def epoch_offset(cfg) -> list[float] | None:
     """The logit offset dtl's evaluation adds to (and its exports fold into) weights trained on
     balanced epochs (dtl/prior_correction.py): the per-epoch checkpoints hold the raw weights, so
     they are tested with it, as the model dtl would hand over after that epoch."""
-    from dtl.dataset_index import read_index
-    from dtl.prior_correction import prior_offset
+    from dtl.prior_correction import indexed_offset
 
-    counts = read_index(cfg.data.root)["splits"][cfg.data.train_split].get("class_counts")
-    offset = prior_offset(cfg, counts)
+    offset = indexed_offset(cfg)
     return None if offset is None else offset.tolist()
 
 
@@ -220,14 +218,15 @@ def test_metrics(model: torch.nn.Module, folder: Path, pre: dict, offset: list[f
 
     from dtl.classification_metrics import confusion_update, summarize
     from dtl.data_pipeline import build_transform
+    from dtl.evaluation import predict_logits
     from dtl.run_config import AugmentConfig
 
     ds = ImageFolder(str(folder / "test"), transform=build_transform(pre, False, AugmentConfig()))
     cm = torch.zeros(len(ds.classes), len(ds.classes), dtype=torch.long)
     with torch.inference_mode():
         for x, y in torch.utils.data.DataLoader(ds, batch_size=64, num_workers=2):
-            logits = model(x)
-            confusion_update(cm, (logits if offset is None else logits + torch.tensor(offset)).argmax(1), y)
+            logits = predict_logits(model, x, "none", None if offset is None else torch.tensor(offset))
+            confusion_update(cm, logits.argmax(1), y)
     m = summarize(cm)
     return {"acc": m["acc"], "macro_f1": m["macro_f1"]}
 
@@ -285,7 +284,7 @@ def main() -> None:
     args.cfg = dtl_config(args)  # checked before any run; timm's flags come from it
     args.pre, args.num_classes = backbone_inputs(args.cfg)
     args.params = model_params(args.cfg, args.num_classes)
-    args.offset = epoch_offset(args.cfg) if args.cfg.data.balanced_sampling else None
+    args.offset = epoch_offset(args.cfg)
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "imagefolder"

@@ -29,6 +29,22 @@ def prior_offset(cfg: Config, class_counts: Optional[list[int]]) -> Optional[tor
     return logs - logs.mean()
 
 
+def indexed_offset(cfg: Config) -> Optional[torch.Tensor]:
+    """`prior_offset` for `cfg` from the training split's class counts in its `dataset.json` (the
+    counts a run's sampler uses): for evaluating a run's raw checkpoints outside the run. The index
+    is read only when the config resamples with the correction on."""
+    if not cfg.data.balanced_sampling or not cfg.eval.prior_correction:
+        return None
+    from dtl.dataset_index import DataError, read_index
+
+    split = cfg.data.train_split
+    counts = ((read_index(cfg.data.root) or {}).get("splits", {}).get(split) or {}).get("class_counts")
+    if not counts:
+        raise DataError(f"{cfg.data.root}/dataset.json: no class counts for split {split!r}, which the prior "
+                        f"correction of data.balanced_sampling needs")
+    return prior_offset(cfg, counts)
+
+
 def output_bias_key(net: nn.Module, head: str, num_classes: int) -> Optional[str]:
     """State-dict key of the bias of the head's output layer (its last Linear, with one output per
     class, or one in all for the binary head's single logit), or None when it has no bias."""

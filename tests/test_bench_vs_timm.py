@@ -19,7 +19,7 @@ def vs_timm():
 
 
 def _args(*dtl_set: str) -> argparse.Namespace:
-    """The quickstart less its balanced sampling (timm has none), as the README's command runs it."""
+    """The quickstart less its balanced sampling, as the README's earlier pairs ran it (the bench takes it too)."""
     return argparse.Namespace(config="configs/quickstart.yaml", data="no/such/folder", img_size=None,
                               backbone=None, dtl_set=["data.balanced_sampling=0", *dtl_set])
 
@@ -50,7 +50,7 @@ def test_what_timm_cannot_match_is_refused_before_any_run(vs_timm, override, say
         vs_timm.dtl_config(_args(override))
 
 
-def test_balanced_epochs_are_tested_with_the_prior_correction_dtl_exports(vs_timm, shard_dir):
+def test_balanced_epochs_are_tested_with_the_prior_correction_dtl_exports(vs_timm, shard_dir, tmp_path):
     """timm trains on the data as it is; dtl's raw checkpoints of balanced epochs get the offset its
     evaluation adds and its exports fold in (dtl/prior_correction.py), and none without resampling."""
     import torch
@@ -66,6 +66,12 @@ def test_balanced_epochs_are_tested_with_the_prior_correction_dtl_exports(vs_tim
     args = _args()
     args.data = str(shard_dir)
     assert vs_timm.epoch_offset(vs_timm.dtl_config(args)) is None
+    from dtl.dataset_index import DataError
+
+    args = _args("data.balanced_sampling=0.5")
+    args.data = str(tmp_path)  # no dataset.json: no counts to correct with, said by name
+    with pytest.raises(DataError, match=r"dataset.json: no class counts for split 'train'"):
+        vs_timm.epoch_offset(vs_timm.dtl_config(args))
 
 
 def test_size_and_backbone_come_from_the_config_and_a_contradicting_flag_is_refused(vs_timm):
