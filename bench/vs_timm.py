@@ -19,8 +19,8 @@ dtl may train on class-balanced epochs (`data.balanced_sampling`, the quickstart
 has no such sampler, so timm trains on the data as it is, its usual recipe): dtl's per-epoch
 checkpoints hold the raw weights, so they are tested with the prior correction dtl's evaluation adds
 and its exports fold in (`eval.prior_correction`), i.e. as the model dtl would hand over after that
-epoch; the probe (trained unresampled), best and final exports need none. `data.class_weights` is
-refused (no correction exists for it).
+epoch; the probe (trained unresampled), best and final exports need none. `data.class_weights`
+tilts the prior the same way and gets the same correction.
 
 dtl's first point is its probe (`probe.safetensors`, "epoch 0"): a model it hands the user when the
 probe ends, so it counts for the time to reach timm's final accuracy as any epoch's weights do.
@@ -112,15 +112,12 @@ def dtl_config(args):
     if cfg.data.augment.rot90 or cfg.eval.tta == "dihedral":
         raise SystemExit(f"{args.config}: timm's train.py has no quarter turns (augment.rot90, tta dihedral); "
                          f"--dtl-set data.augment.rot90=0 eval.tta=flips compares the rest")
-    if cfg.data.class_weights:
-        raise SystemExit(f"{args.config}: data.class_weights tilts the prior with no correction to evaluate its "
-                         f"checkpoints with; --dtl-set data.class_weights=false compares the rest")
     return cfg
 
 
 def epoch_offset(cfg) -> list[float] | None:
     """The logit offset dtl's evaluation adds to (and its exports fold into) weights trained on
-    balanced epochs (dtl/prior_correction.py): the per-epoch checkpoints hold the raw weights, so
+    balanced epochs or with class weights (dtl/prior_correction.py): the per-epoch checkpoints hold the raw weights, so
     they are tested with it, as the model dtl would hand over after that epoch."""
     from dtl.prior_correction import indexed_offset
 
@@ -213,7 +210,7 @@ def load_weights(backbone: str, path: str, num_classes: int) -> torch.nn.Module:
 
 def test_metrics(model: torch.nn.Module, folder: Path, pre: dict, offset: list[float] | None = None) -> dict:
     """Accuracy and macro-F1 on the test split, one eval transform (dtl's for the backbone) for both
-    tools; `offset` is added to the logits (a dtl checkpoint trained on balanced epochs)."""
+    tools; `offset` is added to the logits (a dtl checkpoint trained on a tilted prior)."""
     from torchvision.datasets import ImageFolder
 
     from dtl.classification_metrics import confusion_update, summarize

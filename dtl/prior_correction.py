@@ -1,12 +1,15 @@
-"""Undo the class prior that `data.balanced_sampling` trains under (Saerens et al. 2002, "Adjusting
-the outputs of a classifier to new a priori probabilities"; Menon et al., ICLR 2021, logit adjustment).
+"""Undo the class prior that `data.balanced_sampling` or `data.class_weights` trains under (Saerens
+et al. 2002, "Adjusting the outputs of a classifier to new a priori probabilities"; Menon et al.,
+ICLR 2021, logit adjustment).
 
 Balanced sampling shows class c a share of each epoch proportional to count_c ** (1 - power) instead
 of count_c: the rare classes get seen, but the model's softmax then answers for that tilted prior,
 over-predicting the rare classes and reporting probabilities a user cannot read as frequencies. By
 Bayes' rule the posterior under the real prior adds log(count_c / count_c ** (1 - power)) =
-power * log(count_c) to the logits. Evaluation adds it, and exports fold it into the head's output
-bias, so `best.safetensors` predicts under the real class frequencies wherever it is loaded.
+power * log(count_c) to the logits. Class weights w_c ~ count_c ** -power tilt it the same way: the
+weighted loss is minimised by the posterior under a prior ~ count_c * w_c = count_c ** (1 - power),
+so the same offset applies. Evaluation adds it, and exports fold it into the head's output bias, so
+`best.safetensors` predicts under the real class frequencies wherever it is loaded.
 """
 from __future__ import annotations
 
@@ -19,11 +22,25 @@ from torch import nn
 from dtl.run_config import Config
 
 
+def tilt_power(cfg: Config) -> float:
+    """How far training tilts the class prior toward equal classes: count ** (1 - this) is the prior the
+    model learns (0: the data's own; the config refuses balanced sampling and class weights together)."""
+    if cfg.data.balanced_sampling:
+        return cfg.data.balanced_sampling
+    return cfg.data.class_weight_power if cfg.data.class_weights else 0.0
+
+
+def corrects_prior(cfg: Config) -> bool:
+    """Whether evaluation and exports add a prior correction: training tilts the prior and
+    `eval.prior_correction` is on."""
+    return bool(tilt_power(cfg)) and cfg.eval.prior_correction
+
+
 def prior_offset(cfg: Config, class_counts: Optional[list[int]]) -> Optional[torch.Tensor]:
-    """Per-class logit offset (mean zero) that maps the sampler's prior back to the data's, or None
-    when training sees the real frequencies or `eval.prior_correction` is off."""
-    power = cfg.data.balanced_sampling
-    if not power or not cfg.eval.prior_correction or not class_counts:
+    """Per-class logit offset (mean zero) that maps the training prior (sampler's or class weights')
+    back to the data's, or None when training sees the real frequencies or `eval.prior_correction` is off."""
+    power = tilt_power(cfg)
+    if not corrects_prior(cfg) or not class_counts:
         return None
     logs = torch.tensor([power * math.log(max(1, c)) for c in class_counts], dtype=torch.float32)
     return logs - logs.mean()
@@ -32,8 +49,8 @@ def prior_offset(cfg: Config, class_counts: Optional[list[int]]) -> Optional[tor
 def indexed_offset(cfg: Config) -> Optional[torch.Tensor]:
     """`prior_offset` for `cfg` from the training split's class counts in its `dataset.json` (the
     counts a run's sampler uses): for evaluating a run's raw checkpoints outside the run. The index
-    is read only when the config resamples with the correction on."""
-    if not cfg.data.balanced_sampling or not cfg.eval.prior_correction:
+    is read only when the config tilts the prior with the correction on."""
+    if not corrects_prior(cfg):
         return None
     from dtl.dataset_index import DataError, read_index
 
@@ -41,7 +58,7 @@ def indexed_offset(cfg: Config) -> Optional[torch.Tensor]:
     counts = ((read_index(cfg.data.root) or {}).get("splits", {}).get(split) or {}).get("class_counts")
     if not counts:
         raise DataError(f"{cfg.data.root}/dataset.json: no class counts for split {split!r}, which the prior "
-                        f"correction of data.balanced_sampling needs")
+                        f"correction needs")
     return prior_offset(cfg, counts)
 
 

@@ -281,9 +281,9 @@ class EvalConfig(_Strict):
     tta_val: bool = Field(False, description="also in every validation, so best.safetensors is picked by TTA "
                                              "metrics (costs 2x (hflip), 4x (flips) or 8x (dihedral) validation time)")
     prior_correction: bool = Field(True, description=(
-        "with data.balanced_sampling: add power * log(class count) to the logits in every evaluation and fold "
-        "it into the exported head's bias, so predictions and probabilities follow the data's class "
-        "frequencies, not the sampler's (the sampler still shows the rare classes more often in training)"))
+        "with data.balanced_sampling or data.class_weights: add power * log(class count) to the logits in every "
+        "evaluation and fold it into the exported head's bias, so predictions and probabilities follow the data's class "
+        "frequencies, not the sampler's or the weights' (which still make training attend to the rare classes)"))
 
 
 class Config(_Strict):

@@ -83,7 +83,8 @@ def export_meta(run) -> dict:
 def export(run, name: str, source: str = "model") -> None:
     """`output_dir/NAME` as safetensors with everything prediction needs; every rank calls it.
     `source="ema"` exports the moving average instead of the trained weights. The prior correction
-    of balanced sampling is folded into the head's bias: the file predicts as evaluation did."""
+    of balanced sampling or class weights is folded into the head's bias: the file predicts as
+    evaluation did."""
     state_dict = run.ema.module.state_dict() if source == "ema" else run.strategy.full_state_dict(run.model)
     if run.accelerator.is_main_process:
         meta = export_meta(run)
@@ -92,7 +93,8 @@ def export(run, name: str, source: str = "model") -> None:
             key = output_bias_key(net, head_name(net), len(run.classes))
             state_dict = fold_into_bias(state_dict, key, run.logit_offset.cpu())
             meta["prior_correction"] = {"bias": key, "offset": [round(float(v), 6) for v in run.logit_offset],
-                                        "balanced_sampling": run.cfg.data.balanced_sampling}
+                                        "balanced_sampling": run.cfg.data.balanced_sampling,
+                                        "class_weight_power": run.cfg.data.class_weight_power if run.cfg.data.class_weights else 0.0}
         ckpt.export_model(state_dict, run.out / name, meta)
 
 

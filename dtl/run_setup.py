@@ -35,7 +35,7 @@ from dtl.optimization import build_optimizer, build_scheduler
 from dtl.parallel_strategy import ParallelStrategy, create_accelerator, is_sharded
 from dtl.worker_server import start_worker_server
 from dtl.preemption import PreemptionHandler
-from dtl.prior_correction import output_bias_key, prior_offset
+from dtl.prior_correction import corrects_prior, output_bias_key, prior_offset
 from dtl.feature_cache import FrozenFeatureCache, build_cache
 from dtl.run_config import Config, ConfigError, config_changes, dump_config
 from dtl.run_finish import model_build
@@ -70,7 +70,7 @@ class Run:
     ema: Optional[ModelEmaV3] = None   # moving average of the weights (`ema.enabled`)
     mixup: Optional[Mixup] = None      # timm's mixup/cutmix of a batch (its loss takes soft targets)
     features: Optional[FrozenFeatureCache] = None   # cached backbone features for head-only stages
-    prior_offset: Optional[torch.Tensor] = None     # undoes balanced sampling's prior (prior_correction)
+    prior_offset: Optional[torch.Tensor] = None     # undoes balanced sampling's / class weights' prior
 
     @property
     def monitor_key(self) -> str:
@@ -183,8 +183,7 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
 def _check_prior_head(cfg: Config, net: nn.Module, num_classes: int) -> None:
     """`eval.prior_correction` folds its offset into the head's output bias: refuse a head without
     one before anything is written."""
-    if cfg.data.balanced_sampling and cfg.eval.prior_correction and \
-            output_bias_key(net, head_name(net), num_classes) is None:
+    if corrects_prior(cfg) and output_bias_key(net, head_name(net), num_classes) is None:
         raise ConfigError(f"eval.prior_correction: {cfg.model.backbone}'s head has no output Linear with a bias "
                           f"to fold the correction into; set eval.prior_correction=false")
 

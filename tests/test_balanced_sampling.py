@@ -116,6 +116,8 @@ def test_prior_correction_folded_into_the_head_gives_the_logits_plus_the_offset(
     assert torch.allclose(offset, expected - expected.mean())
     assert prior_offset(config(data={"balanced_sampling": 0.5}, eval={"prior_correction": False}), COUNTS) is None
     assert prior_offset(config(), COUNTS) is None  # no resampling: nothing to undo
+    # class weights ~ count ** -0.5 tilt the prior as sampling at 0.5 does: the same offset
+    assert torch.allclose(prior_offset(config(data={"class_weights": True, "class_weight_power": 0.5}), COUNTS), offset)
     x = torch.randn(4, 3, 32, 32)
     for kwargs, n in (({}, 3), ({"head": {"hidden": [16], "binary": True}}, 2)):
         net = create_classifier("test_efficientnet", n, **kwargs).eval()
@@ -126,6 +128,45 @@ def test_prior_correction_folded_into_the_head_gives_the_logits_plus_the_offset(
             got = net(x)
         # the binary head's logits [0, z] are a softmax's up to a constant: compare the differences
         assert torch.allclose(got - got[:, :1], want - want[:, :1], atol=1e-5), kwargs
+
+
+def test_class_weighted_loss_plus_the_offset_is_the_unweighted_posterior():
+    """The Bayes argument for class weights, checked on a problem whose optimum is known: softmax
+    regression on a discrete input, fitted to convergence with dtl's class weights, answers
+    p(c|x) * w_c; adding `prior_offset` recovers the data's posterior p(c|x)."""
+    from dtl.data_pipeline import class_weights
+    from dtl.prior_correction import prior_offset
+    from dtl.run_config import Config
+
+    g = torch.Generator().manual_seed(0)
+    joint = torch.rand(5, 3, generator=g) * torch.tensor([12.0, 3.0, 1.0])  # n(x, c): class 0 common, 2 rare
+    counts = joint.sum(0)
+    x = torch.eye(5).repeat_interleave(3, 0)
+    y = torch.arange(3).repeat(5)
+    frequency = joint.flatten() / joint.sum()
+
+    class Source:  # class_weights reads the counts off the stream's source
+        class_counts = counts.tolist()
+
+    cfg = Config.model_validate({"data": {"root": "x", "class_weights": True, "class_weight_power": 0.7},
+                                 "model": {"backbone": "x"}})
+    w = class_weights(type("Stream", (), {"source": Source})(), 3, 0.7)
+    net = torch.nn.Linear(5, 3)
+    opt = torch.optim.LBFGS(net.parameters(), max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = (torch.nn.functional.cross_entropy(net(x), y, weight=w, reduction="none") * frequency).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        corrected = (net(torch.eye(5)) + prior_offset(cfg, counts.tolist())).softmax(1)
+        weighted = net(torch.eye(5)).softmax(1)
+    posterior = joint / joint.sum(1, keepdim=True)
+    assert torch.allclose(corrected, posterior, atol=1e-3)
+    assert not torch.allclose(weighted, posterior, atol=0.05)  # uncorrected, it answers for the tilted prior
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +183,10 @@ def skewed_splits(tmp_path_factory) -> Path:
     return root
 
 
-def test_a_balanced_run_evaluates_and_exports_under_the_real_prior(skewed_splits, tmp_path):
+@pytest.mark.parametrize("tilt", [{"data.balanced_sampling": 0.75},
+                                  {"data.class_weights": True, "data.class_weight_power": 0.75}],
+                         ids=["balanced_sampling", "class_weights"])
+def test_a_tilted_run_evaluates_and_exports_under_the_real_prior(skewed_splits, tmp_path, tilt):
     """Same training with and without the correction: the exports differ by exactly the offset in the
     head's output bias, and each run's test metrics (with TTA) are its exported file's under `dtl eval`."""
     import json
@@ -156,7 +200,7 @@ def test_a_balanced_run_evaluates_and_exports_under_the_real_prior(skewed_splits
     from dtl.run_config import Config
     from dtl.train import train
 
-    base = {"data.balanced_sampling": 0.75, "data.img_size": 16, "finetune.stages": [{"epoch": 0, "train": "all"}],
+    base = {**tilt, "data.img_size": 16, "finetune.stages": [{"epoch": 0, "train": "all"}],
             "epochs": 2, "checkpoint.monitor": "val/loss", "eval.tta": "hflip", "finetune.probe.enabled": True}
     runs = {}
     for correct in (True, False):

@@ -43,16 +43,15 @@ def test_timm_flags_follow_the_quickstart_config(vs_timm):
     ("data.augment.rot90=0.5", "no quarter turns"),
     ("eval.tta=dihedral", "no quarter turns"),
     ("optim.schedule=step", "maps cosine only"),
-    ("data.class_weights=true", "no correction"),
 ])
 def test_what_timm_cannot_match_is_refused_before_any_run(vs_timm, override, says):
     with pytest.raises(SystemExit, match=says):
         vs_timm.dtl_config(_args(override))
 
 
-def test_balanced_epochs_are_tested_with_the_prior_correction_dtl_exports(vs_timm, shard_dir, tmp_path):
-    """timm trains on the data as it is; dtl's raw checkpoints of balanced epochs get the offset its
-    evaluation adds and its exports fold in (dtl/prior_correction.py), and none without resampling."""
+def test_tilted_epochs_are_tested_with_the_prior_correction_dtl_exports(vs_timm, shard_dir, tmp_path):
+    """timm trains on the data as it is; dtl's raw checkpoints of balanced or class-weighted epochs get
+    the offset its evaluation adds and its exports fold in (dtl/prior_correction.py), none without."""
     import torch
 
     from dtl.dataset_index import read_index
@@ -66,6 +65,9 @@ def test_balanced_epochs_are_tested_with_the_prior_correction_dtl_exports(vs_tim
     args = _args()
     args.data = str(shard_dir)
     assert vs_timm.epoch_offset(vs_timm.dtl_config(args)) is None
+    args = _args("data.class_weights=true", "data.class_weight_power=0.5")  # the same tilt, the same offset
+    args.data = str(shard_dir)
+    assert torch.allclose(torch.tensor(vs_timm.epoch_offset(vs_timm.dtl_config(args))), prior_offset(cfg, counts))
     from dtl.dataset_index import DataError
 
     args = _args("data.balanced_sampling=0.5")
