@@ -25,10 +25,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prior_shift import split_probs  # noqa: E402
+from prior_shift import scores, split_probs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dtl.classification_metrics import confusion_update, summarize  # noqa: E402
 from dtl.recipe_compare import versions  # noqa: E402
 from dtl.run_config import load_config  # noqa: E402
 
@@ -36,11 +35,8 @@ GRID = [x / 4 for x in range(-4, 9)]  # -1 .. 2 in steps of 0.25
 
 
 def metrics(pred: torch.Tensor, labels: torch.Tensor, n: int) -> dict:
-    cm = torch.zeros(n, n, dtype=torch.long)
-    confusion_update(cm, pred, labels)
-    m = summarize(cm)
-    return {"acc": round(float(m["acc"]), 4), "macro_f1": round(float(m["macro_f1"]), 4),
-            "confusion": cm.tolist()}
+    m = scores(pred, labels, n)
+    return {"acc": m["acc"], "macro_f1": m["macro_f1"], "confusion": m["confusion"]}
 
 
 def tuned_offsets(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:

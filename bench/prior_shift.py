@@ -52,14 +52,17 @@ def split_probs(weights: Path, root: str, split: str, tta: str) -> tuple[torch.T
     return r.probs, r.labels
 
 
+def scores(pred: torch.Tensor, labels: torch.Tensor, n: int) -> dict:
+    """dtl's metrics (accuracy, macro-F1, balanced accuracy) of predictions, rounded, with the confusion."""
+    cm = torch.zeros(n, n, dtype=torch.long)
+    confusion_update(cm, pred, labels)
+    return {**{k: round(float(v), 4) for k, v in summarize(cm).items()}, "confusion": cm.tolist()}
+
+
 def decide(probs: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor) -> dict:
     logits = probs.clamp_min(1e-12).log() + shift
-    n = probs.shape[1]
-    cm = torch.zeros(n, n, dtype=torch.long)
-    confusion_update(cm, logits.argmax(1), labels)
-    m = summarize(cm)
-    m["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
-    return {**{k: round(float(v), 4) for k, v in m.items()}, "confusion": cm.tolist()}
+    loss = round(float(torch.nn.functional.cross_entropy(logits, labels)), 4)
+    return {**scores(logits.argmax(1), labels, probs.shape[1]), "loss": loss}
 
 
 def main() -> None:

@@ -40,10 +40,8 @@ def split_tta(cfg, split: str) -> str:
     return cfg.eval.tta if split != "val" or cfg.eval.tta_val else "none"
 
 
-def evaluate_split(run, split: str, holds_offset: bool = False) -> Optional[EvalResult]:
-    """Evaluate the `val` or `test` split (None when the dataset has none) and announce the result.
-    `holds_offset`: the model's weights were loaded from an export, which predicts under the data's
-    class prior already (its bias holds the correction, or it needs none: the probe's)."""
+def evaluate_split(run, split: str) -> Optional[EvalResult]:
+    """Evaluate the `val` or `test` split (None when the dataset has none) and announce the result."""
     stream = {"val": run.data.val, "test": run.data.test, "test_final": run.data.test}[split]
     if stream is None:
         return None
@@ -53,7 +51,7 @@ def evaluate_split(run, split: str, holds_offset: bool = False) -> Optional[Eval
         cached = run.features.val_batches(), run.features.head()
     result = evaluate(run.accelerator, run.strategy, run.model, run.data, stream, len(run.classes), split,
                       run.pre["input_size"], tta=tta, cached=cached,
-                      channels_last=run.cfg.model.channels_last, logit_offset=None if holds_offset else run.logit_offset)
+                      channels_last=run.cfg.model.channels_last, logit_offset=run.logit_offset)
     run.events.eval_end(run, split, result)
     return result
 
@@ -170,8 +168,8 @@ def _test_best(run, final: Optional[EvalResult]) -> Optional[EvalResult]:
         return final  # FSDP: the sharded model cannot take a full state dict here; final weights reported
     net = run.accelerator.unwrap_model(run.model)
     net.load_state_dict(ckpt.load_file(str(run.out / "best.safetensors")))
-    # from here the model holds exported weights: nothing may evaluate or export it with run.logit_offset
-    return evaluate_split(run, "test", holds_offset=True)
+    run.holds_exported = True  # its bias holds the prior correction already (or it needs none: the probe's)
+    return evaluate_split(run, "test")
 
 
 def finish(run, val: Optional[EvalResult]) -> RunResult:

@@ -71,6 +71,7 @@ class Run:
     mixup: Optional[Mixup] = None      # timm's mixup/cutmix of a batch (its loss takes soft targets)
     features: Optional[FrozenFeatureCache] = None   # cached backbone features for head-only stages
     prior_offset: Optional[torch.Tensor] = None     # undoes balanced sampling's / class weights' prior
+    holds_exported: bool = False   # the model was loaded back from an export (its bias holds the offset)
 
     @property
     def monitor_key(self) -> str:
@@ -87,8 +88,9 @@ class Run:
     def logit_offset(self) -> Optional[torch.Tensor]:
         """The offset evaluation adds to the model's logits and exports fold into its bias: the prior
         correction once a training step on resampled batches has changed the weights; before it (the
-        probe, trained on the real frequencies; a probe-only run) the weights answer for the real prior."""
-        return self.prior_offset if self.state.step > 0 else None
+        probe, trained on the real frequencies; a probe-only run) the weights answer for the real prior,
+        and so do weights loaded back from an export (`holds_exported`: folded into their bias)."""
+        return self.prior_offset if self.state.step > 0 and not self.holds_exported else None
 
     def wants_probe(self) -> bool:
         """LP-FT's probe runs once, at the start of a fresh run (a resumed one has its head)."""
