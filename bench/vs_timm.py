@@ -117,8 +117,8 @@ def dtl_config(args):
 
 def epoch_offset(cfg) -> list[float] | None:
     """The logit offset dtl's evaluation adds to (and its exports fold into) weights trained on
-    balanced epochs or with class weights (dtl/prior_correction.py): the per-epoch checkpoints hold the raw weights, so
-    they are tested with it, as the model dtl would hand over after that epoch."""
+    balanced epochs or with class weights (dtl/prior_correction.py): the per-epoch checkpoints hold
+    the raw weights, so they are tested with it, as the model dtl would hand over after that epoch."""
     from dtl.prior_correction import indexed_offset
 
     offset = indexed_offset(cfg)

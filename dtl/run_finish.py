@@ -17,7 +17,7 @@ from dtl import checkpoints as ckpt
 from dtl.backbones import head_name
 from dtl.classifier_heads import head_spec
 from dtl.evaluation import EvalResult, evaluate
-from dtl.prior_correction import fold_into_bias, output_bias_key
+from dtl.prior_correction import fold_into_bias, output_bias_key, tilt_power
 from dtl.run_config import Config
 
 
@@ -92,7 +92,7 @@ def export(run, name: str, source: str = "model") -> None:
             state_dict = fold_into_bias(state_dict, key, run.logit_offset.cpu())
             meta["prior_correction"] = {"bias": key, "offset": [round(float(v), 6) for v in run.logit_offset],
                                         "balanced_sampling": run.cfg.data.balanced_sampling,
-                                        "class_weight_power": run.cfg.data.class_weight_power if run.cfg.data.class_weights else 0.0}
+                                        "tilt_power": tilt_power(run.cfg)}
         ckpt.export_model(state_dict, run.out / name, meta)
 
 

@@ -216,6 +216,7 @@ def test_a_tilted_run_evaluates_and_exports_under_the_real_prior(skewed_splits, 
     (on, out_on, cfg_on), (off, out_off, _) = runs[True], runs[False]
     _, meta = load_exported(out_on / "model.safetensors")
     key = meta["prior_correction"]["bias"]
+    assert meta["prior_correction"]["tilt_power"] == 0.75
     shift = load_file(str(out_on / "model.safetensors"))[key] - load_file(str(out_off / "model.safetensors"))[key]
     assert torch.allclose(shift, prior_offset(Config.model_validate(cfg_on), COUNTS), atol=1e-5)
     assert "prior_correction" not in load_exported(out_off / "model.safetensors")[1]
