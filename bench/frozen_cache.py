@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from portable_json import portable_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,7 @@ def run_arm(out: Path, epochs: int, cached: bool, seed: int) -> list[dict]:
     epochs_ = [r for r in rows if "train/acc" in r]
     out_rows, prev = [], None
     for r in epochs_:
-        out_rows.append({"epoch": r["epoch"] + 1, "train_s": r["epoch_time_s"],
+        out_rows.append({"epoch": r["epoch"], "train_s": r["epoch_time_s"],
                          "epoch_s": r["time"] - (prev if prev is not None else first),
                          "val/acc": r["val/acc"], "train/loss": r["train/loss"]})
         prev = r["time"]
@@ -71,7 +72,7 @@ def main() -> None:
     print(json.dumps({"speedup_after_fill": ratio,
                       **{k: [round(e["train_s"], 2) for e in v["epochs"]] for k, v in arms.items()}}, indent=1))
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+        Path(a.json).write_text(portable_json(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

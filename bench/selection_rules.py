@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from portable_json import portable_json
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -75,7 +76,7 @@ def test_all(out: Path) -> list[dict]:
     # (and its exports fold in) when it trained on balanced epochs; the probe trained unresampled
     offset = indexed_offset(cfg)
     for name, rec, weights in [("probe", probe, out / "probe.safetensors"),
-                               *[(f"epoch {r['epoch'] + 1}", r, c / "model.safetensors") for r, c in zip(epochs, ckpts)]]:
+                               *[(f"epoch {r['epoch']}", r, c / "model.safetensors") for r, c in zip(epochs, ckpts)]]:
         net.load_state_dict({k.removeprefix("module."): v for k, v in load_file(str(weights)).items()})
         cm = torch.zeros(len(classes), len(classes), dtype=torch.long)
         with torch.inference_mode():
@@ -130,7 +131,7 @@ def main() -> None:
               f"{summary[k]['test/macro_f1']['sd']:.4f} {summary[k]['test/macro_f1']['per_seed']}")
     result["summary"] = summary
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(portable_json(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import torch
 
 from imagefolder_export import export_imagefolder
 from process_watch import ProcessWatch
+from portable_json import portable_json
 
 REPO = Path(__file__).resolve().parent.parent
 TIMM_TRAIN = REPO / "bench" / "third_party" / "timm_train.py"
@@ -82,7 +83,7 @@ def run_dtl(args, out: Path, env: dict) -> dict:
     ckpts = sorted((out / "checkpoints").glob("ckpt-*"))
     per_epoch = []
     for r, ck in zip(epochs, ckpts[-len(epochs):]):
-        per_epoch.append({"epoch": r["epoch"] + 1, "t_s": r["time"] - t0, "weights": str(ck / "model.safetensors"),
+        per_epoch.append({"epoch": r["epoch"], "t_s": r["time"] - t0, "weights": str(ck / "model.safetensors"),
                           "img_per_s": r.get("train/img_per_s"), "val_acc": r.get("val/acc"),
                           "all_trainable": r.get("trainable_params") == args.params,
                           "logit_offset": args.offset})
@@ -315,7 +316,7 @@ def main() -> None:
                            "python": platform.python_version(), "timm_train": "bench/third_party/timm_train.py"},
               "samples": counts, "runs": runs, "pairs": pairs}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(portable_json(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -41,12 +41,12 @@ def _groups(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> None:
-    from pathlib import Path
+    from importlib.resources import files
 
     from dtl.config_reference import format_reference
 
-    if args.template:
-        print((Path(__file__).resolve().parent.parent / "configs" / "own_data.yaml").read_text(), end="")
+    if args.template:  # package data, so an installed wheel has it too (configs/own_data.yaml links to it)
+        print(files("dtl").joinpath("config_templates/own_data.yaml").read_text(), end="")
     else:
         print(format_reference())
 

@@ -187,7 +187,7 @@ def run_probe(run) -> ProbeResult:
     if fresh is not None:  # the probe stays a best-model candidate; fine-tuning starts from the fresh head
         install_head(run, fresh)
     result = ProbeResult(epochs, best_epoch, val, len(y), t1 - t0, t2 - t1)
-    run.events.probe_end(run, {**{f"val/{k}": v for k, v in val.items()}, "probe/epochs": epochs,
+    run.events.probe_end(run, {"epoch": 0, **{f"val/{k}": v for k, v in val.items()}, "probe/epochs": epochs,
                                "probe/best_epoch": best_epoch, "probe/train_rows": len(y),
                                "probe/features_s": t1 - t0, "probe/train_s": t2 - t1})
     return result

@@ -140,8 +140,9 @@ def memory_record(device: torch.device) -> dict:
 
 
 def epoch_record(run, stats, val: Optional[EvalResult], val_ema: Optional[EvalResult] = None) -> dict:
-    """What metrics.jsonl and W&B get for an epoch."""
-    record = {"train/loss": stats.loss, "train/acc": stats.acc, "stage": run.state.stage,
+    """What metrics.jsonl and W&B get for an epoch; `epoch` is the console's number (1-based, the probe 0),
+    so summary.json's `best_epoch` names the record it came from."""
+    record = {"epoch": run.state.epoch + 1, "train/loss": stats.loss, "train/acc": stats.acc, "stage": run.state.stage,
               "trainable_params": run.strategy.count_trainable(run.model, run.plan, run.stage),
               "epoch_time_s": stats.seconds, "train/img_per_s": stats.images / max(1e-9, stats.seconds),
               "train/first_batch_s": stats.first_batch_s, **stats.lrs}

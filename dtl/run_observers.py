@@ -23,7 +23,9 @@ def numeric(record: dict[str, Any]) -> dict[str, Any]:
 
 class MetricsFile(Observer):
     """One JSON object per logged step, per epoch and at the end, appended to `metrics.jsonl`,
-    so a resumed run continues the file."""
+    so a resumed run continues the file. `epoch` counts the epochs finished when the record was
+    written: 0 during the first epoch and for the probe, 1 for the first epoch's record (the console's
+    numbering), the run's epochs in the final record."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -177,10 +179,9 @@ class TrackerRows(Observer):
         self.rows.log(numeric(record), run.state.step)
 
     def probe_end(self, run, record: dict) -> None:
-        self.rows.log({**numeric(record), "epoch": 0}, run.state.step)
+        self.rows.log(numeric(record), run.state.step)  # `epoch` 0 (W&B's x axis for epoch charts)
 
-    def epoch_end(self, run, record: dict) -> None:
-        self.rows.log({**numeric(record), "epoch": run.state.epoch + 1}, run.state.step)
+    epoch_end = probe_end  # the epoch record carries its `epoch` (1-based)
 
     def fit_end(self, run, result) -> None:
         if result.status == "finished":

@@ -90,7 +90,7 @@ def plot_curves(epochs: list[dict], steps: list[dict], probe: Optional[dict], pl
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=FIG_DPI)
-    x = [r["epoch"] + 1 for r in epochs]
+    x = [r["epoch"] for r in epochs]
     for ax, key, name in ((axes[0, 0], "loss", "loss"), (axes[0, 1], "acc", "accuracy"),
                           (axes[1, 0], "macro_f1", "macro-F1")):
         if f"train/{key}" in epochs[0]:

@@ -18,6 +18,7 @@ from dtl.checkpoints import CheckpointError
 from dtl.run_config import Config
 from dtl.train import train
 
+REPO = Path(__file__).resolve().parent.parent
 
 def _files(root: Path) -> dict:
     return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
@@ -181,6 +182,23 @@ def test_help_describes_every_argument_and_config_keys_are_listed():
     template = _cli("config", "--template").stdout
     assert "prepare: none" in template and "offline" not in template.split("wandb:")[0]
     assert "Exit codes" in _cli("--help").stdout
+    assert template == (REPO / "configs" / "own_data.yaml").read_text()  # the repo's config is the template
+
+
+def test_a_built_wheel_carries_the_config_template(tmp_path):
+    """`dtl config --template` is for users without the repository: the wheel holds the template."""
+    import zipfile
+
+    src = tmp_path / "src"  # a copy of what the build reads, so the checkout gets no build/ or egg-info
+    shutil.copytree(REPO / "dtl", src / "dtl", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("dtl-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("dtl/config_templates/own_data.yaml").decode() == (REPO / "configs" / "own_data.yaml").read_text()
 
 
 def test_group_names_say_what_they_hold_and_a_heads_norm_trains_with_it():

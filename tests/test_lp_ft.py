@@ -25,6 +25,7 @@ def test_probe_trains_the_head_first_and_is_a_best_model_candidate(tmp_path, sha
     assert len(probe) == 1 and probe[0]["probe/train_rows"] == 2 * 45  # clean + 1 augmented view
     assert probe[0]["val/acc"] > 0.5                                    # chance is 1/3
     epochs = [r["val/acc"] for r in records if "train/acc" in r]
+    assert probe[0]["epoch"] == 0 and [r["epoch"] for r in records if "train/acc" in r] == [1, 2, 3]  # as the console
     # never worse on validation than its own probe: best.safetensors is the better of all
     assert result.summary["val/best_acc"] == pytest.approx(max([probe[0]["val/acc"], *epochs]))
     assert "probe (LP-FT)" in capsys.readouterr().out
@@ -59,6 +60,8 @@ def test_monitor_min_loss_picks_the_lowest_validation_loss(tmp_path, shard_dir):
     losses = [r["val/loss"] for r in records if "train/acc" in r]
     assert s["monitor"] == "val/loss" and s["val/best_loss"] == pytest.approx(min(losses))
     assert s["best_epoch"] == 1 + losses.index(min(losses))
+    best = next(r for r in records if r["epoch"] == s["best_epoch"] and "train/acc" in r)  # the record it names
+    assert best["val/loss"] == s["val/best_loss"]
 
 
 def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path, shard_dir):

@@ -89,7 +89,7 @@ def test_resume_continues_at_the_right_epoch_with_identical_weights(tmp_path, sh
     resumed = train(Config.model_validate(cfg))
     assert "with a changed config: stop_after_steps: 7 -> None" in capsys.readouterr().out  # said, not silent
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if "train/acc" in r] == [0, 1, 2]   # epoch 1 finished after resume
+    assert [r["epoch"] for r in records if "train/acc" in r] == [1, 2, 3]   # epoch 1 before the stop, 2 and 3 after the resume
     assert resumed.steps == full["steps"] == 12
     full_records = [json.loads(line) for line in (full_out / "metrics.jsonl").read_text().splitlines()]
     lrs = lambda recs: [{k: v for k, v in r.items() if k.startswith("lr/")} for r in recs if "train/acc" in r]
