@@ -16,6 +16,7 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
+from portable_json import portable_json
 
 KEYS = ("test/acc", "test/macro_f1", "test/balanced_acc", "test_final/acc", "test_final/macro_f1", "best_epoch",
         "wall_time_s")
@@ -49,7 +50,7 @@ def main() -> None:
     if args.json:
         import timm
         import torch
-        Path(args.json).write_text(json.dumps({
+        Path(args.json).write_text(portable_json({
             "command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "cpus": len(os.sched_getaffinity(0)), "gpu": None},
             "versions": {"torch": torch.__version__, "timm": timm.__version__}, "rows": rows, "summary": stats},

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from process_watch import ProcessWatch
+from portable_json import portable_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,7 +77,7 @@ def main() -> None:
     print(f"1 process {one:.1f} img/s, {args.procs} processes {many:.1f} img/s: "
           f"speedup {many / one:.2f}x, efficiency {many / one / args.procs:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(portable_json(result, indent=1))
 
 
 if __name__ == "__main__":

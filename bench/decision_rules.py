@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import platform
 import sys
 import time
@@ -30,6 +29,7 @@ from prior_shift import scores, split_probs  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dtl.recipe_compare import versions  # noqa: E402
 from dtl.run_config import load_config  # noqa: E402
+from portable_json import portable_json
 
 GRID = [x / 4 for x in range(-4, 9)]  # -1 .. 2 in steps of 0.25
 
@@ -79,7 +79,7 @@ def main() -> None:
             v, t = r[rule]["val"], r[rule]["test"]
             print(f"  {rule:18s} val acc {v['acc']:.3f} F1 {v['macro_f1']:.3f} | test acc {t['acc']:.3f} F1 {t['macro_f1']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        Path(args.json).write_text(portable_json({
             "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "machine": {"platform": platform.platform(), "processor": platform.processor()},
             "versions": versions(), "runs": rows}, indent=1))

@@ -10,7 +10,6 @@ imagefolder` (stratified 70/10/20 split, seed 0), and runs `dtl compare` with co
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
@@ -20,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dtl.recipe_compare import compare, table  # noqa: E402
+from portable_json import portable_json
 
 
 def write_digits(folder: Path) -> None:
@@ -55,7 +55,7 @@ def main() -> None:
     print(table(result["summary"]))
     if args.json:
         result["command"] = "python " + shlex.join(sys.argv)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(portable_json(result, indent=1))
 
 
 if __name__ == "__main__":

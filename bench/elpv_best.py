@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from portable_json import portable_json
 
 REPO = Path(__file__).resolve().parent.parent
 DEFECTIVE = (2, 3)  # likely_defective (p = 2/3) and defective (p = 1)
@@ -137,7 +138,7 @@ def write(args, rows: list[dict], quiet: bool = False) -> None:
               "data": json.loads((Path(args.data) / "dataset.json").read_text()).get("source"),
               "summary": summary, "runs": rows}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(portable_json(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One lease of a lent GPU machine (the device tool: 15 minutes in all), prepared here and run there:
+# One session on a rented GPU machine (budgeted for about 15 minutes in all), prepared here and run there:
 #   python bench/pack_for_device.py && tar czf .gpu/elpv_webp.tgz -C .gpu elpv_webp   # 30 MB of data
-#   (wheels of what the machine lacks in .whl/, see the device tool's README)
+#   (wheels of what the machine lacks in .whl/, when it has no package index)
 #   run: bash bench/gpu_session.sh   carry: [.whl, .gpu/elpv_webp.tgz]
 # Results land in $OUT: gpu_tests.txt, gpu_throughput.json, elpv_best.json (configs/elpv_best.yaml,
 # 3 seeds, BEST_SET="key=value ..." for overrides), step_time.txt (STEP_TIME=1) and the logs, all

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import yaml
 from imagefolder_export import export_imagefolder
+from portable_json import portable_json
 
 REPO = Path(__file__).resolve().parent.parent
 TIMM_TRAIN = REPO / "bench" / "third_party" / "timm_train.py"
@@ -293,7 +294,7 @@ def main() -> None:
                                      if kk not in ("log_tail",)} if isinstance(v, dict) else round(v, 3))
                                 for k, v in res.items()}), flush=True)
         if args.json:  # after every model: a run cut short keeps what it measured
-            Path(args.json).write_text(json.dumps(result, indent=1))
+            Path(args.json).write_text(portable_json(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ tau = -data.balanced_sampling takes it back out.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -33,6 +32,7 @@ from dtl.parallel_strategy import ParallelStrategy  # noqa: E402
 from dtl.recipe_compare import versions  # noqa: E402
 from dtl.run_config import AugmentConfig, load_config  # noqa: E402
 from dtl.shard_stream import ShardStream, StreamOptions  # noqa: E402
+from portable_json import portable_json
 
 TAUS = [0.0, 0.25, 0.5, 0.75, 1.0, -0.25, -0.5]
 
@@ -86,7 +86,7 @@ def main() -> None:
         for tau, m in by.items():
             print(f"{split} tau {tau:>5}: acc {m['acc']:.3f} macro-F1 {m['macro_f1']:.3f} loss {m['loss']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(portable_json(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ split, backbone, resolution, augmentation and epoch budget; only the plan differ
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dtl.recipe_compare import compare, table  # noqa: E402
+from portable_json import portable_json
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     if args.json:
         result["command"] = "python " + shlex.join(sys.argv)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(portable_json(result, indent=1))
 
 
 if __name__ == "__main__":

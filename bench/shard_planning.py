@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from dtl.dataset_index import read_index, split_source, write_index  # noqa: E402
 from dtl.shard_stream import ShardStream, StreamOptions  # noqa: E402
+from portable_json import portable_json
 
 
 def synthetic_index(root: Path, shards: int) -> int:
@@ -88,7 +89,7 @@ def main() -> None:
         print(json.dumps(r))
     if a.json:
         import torch
-        Path(a.json).write_text(json.dumps({
+        Path(a.json).write_text(portable_json({
             "command": "python " + shlex.join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
             "versions": {"torch": torch.__version__, "python": platform.python_version()},

@@ -1,16 +1,18 @@
 """Step time with the top k layer groups trainable against all groups trainable.
 
     python bench/step_time.py [--model tf_efficientnet_lite0] [--size 192] [--batch 32] [--steps 5]
-        [--rounds 3] [--train all 7 6] [--no-channels-last] [--json bench/results/X.json]
+        [--rounds 3] [--train all 7 6] [--no-channels-last] [--compile] [--json bench/results/X.json]
 
 Autograd stops at the lowest parameter that requires grad, so a head-only step costs little more
 than a forward pass; the ratios show what each stage of a plan costs relative to full training.
+`--compile` also times a `torch.compile`d copy of the model (`model.compile`, inductor) with every
+group trainable, interleaved with the eager rounds, and reports its first step (the compile).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -26,9 +28,10 @@ from dtl.layer_groups import layer_groups
 from dtl.optimization import build_optimizer
 from dtl.recipe_compare import versions
 from dtl.run_config import FinetuneConfig, OptimConfig, StageConfig
+from portable_json import portable_json
 
 
-def step_time(model, groups, k: int | str, x, y, steps: int) -> float:
+def step_time(model, groups, k: int | str, x, y, steps: int, first: list | None = None) -> float:
     cfg = FinetuneConfig(stages=[StageConfig(epoch=0, train=k)])
     plan = FinetunePlan(cfg, groups, 1e-3)
     trainable = plan.trainable(plan.stages[0])
@@ -47,10 +50,12 @@ def step_time(model, groups, k: int | str, x, y, steps: int) -> float:
             torch.cuda.synchronize()
         if i:  # first step warms up
             times.append(time.perf_counter() - t)
+        elif first is not None:
+            first.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
 
-def write_json(args, n_groups: int, ms_each_round: dict, med: dict) -> None:
+def write_json(args, n_groups: int, ms_each_round: dict, med: dict, compile_s: list) -> None:
     """The table with its command, machine and versions (dtl's commit included), as bench/results/ keeps them."""
     full = med["all"]
     rows = [{"trainable_groups": k, "ms_per_step": 1000 * t, "ms_each_round": ms_each_round[k],
@@ -60,7 +65,9 @@ def write_json(args, n_groups: int, ms_each_round: dict, med: dict) -> None:
                        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"},
            "versions": versions(), "model": args.model, "size": args.size, "batch": args.batch,
            "channels_last": args.channels_last, "groups": n_groups, "rows": rows}
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    if compile_s:
+        out["compiled_first_step_s"] = compile_s  # each round's first step: the compile, then guards
+    Path(args.json).write_text(portable_json(out, indent=1))
 
 
 def main() -> None:
@@ -74,6 +81,8 @@ def main() -> None:
                    help="the k's to time, numbers or 'all' (default: a spread); 'all' is always timed")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="dtl's runs use channels_last by default (model.channels_last)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time a torch.compile'd copy with every group trainable (row 'all, compiled')")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the table here, with the command, machine and versions")
     args = p.parse_args()
@@ -88,9 +97,18 @@ def main() -> None:
         [1, 2, 3, len(groups) // 2, len(groups) - 3, len(groups) - 2, len(groups) - 1]
     ks = list(dict.fromkeys(["all"] + [k for k in ks if k != "all" and 0 < k < len(groups)]))  # few groups: no repeats
     times: dict = {k: [] for k in ks}
+    compiled, compile_s = None, []
+    if args.compile:
+        compiled = copy.deepcopy(model)
+        compiled.compile()
+        times["all, compiled"] = []
     for _ in range(args.rounds):
         for k in ks:
             times[k].append(step_time(model, groups, k, x, y, args.steps))
+        if compiled is not None:
+            times["all, compiled"].append(step_time(compiled, layer_groups(compiled), "all", x, y, args.steps,
+                                                    compile_s))
+    ks = list(times)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     full = med["all"]
     print(f"{args.model} @{args.size}px, batch {args.batch}, {len(groups)} groups, on {args.device}"
@@ -99,7 +117,7 @@ def main() -> None:
     for k in ks:
         print(f"{str(k):>10} {1000 * med[k]:>9.1f} {args.batch / med[k]:>7.1f} {med[k] / full:>7.2f}")
     if args.json:
-        write_json(args, len(groups), {k: [1000 * t for t in v] for k, v in times.items()}, med)
+        write_json(args, len(groups), {k: [1000 * t for t in v] for k, v in times.items()}, med, compile_s)
 
 if __name__ == "__main__":
     main()
