@@ -4,6 +4,7 @@ commands they record name the repository's files relative to its root and the in
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,18 +12,24 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def portable(obj: Any, roots: tuple[str, ...] = ()) -> Any:
-    """`obj` with the interpreter's path -> `python` and paths under the repository (or `roots`,
-    e.g. the clone a bench ran from) -> relative ones, in every string it holds."""
+def _root_pattern(root: str) -> re.Pattern:
+    """A whole path that starts at `root` (not a suffix of a longer path, not a longer name)."""
+    return re.compile(r"(?<![\w./:-])" + re.escape(root.rstrip("/")) + r"(?=/|$|[\s\"'=,;)\]])(/?)")
+
+
+def portable(obj: Any, root: Path = REPO) -> Any:
+    """`obj` with the interpreter's path -> `python` and paths under the repository -> relative ones
+    (the root itself -> `.`), in every string it holds; other absolute paths stay as they are."""
     if isinstance(obj, dict):
-        return {k: portable(v, roots) for k, v in obj.items()}
+        return {k: portable(v, root) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [portable(v, roots) for v in obj]
+        return [portable(v, root) for v in obj]
     if not isinstance(obj, str):
         return obj
-    obj = obj.replace(sys.executable, "python")
-    for root in (*roots, str(REPO), str(Path.cwd())):
-        obj = obj.replace(root.rstrip("/") + "/", "")
+    if sys.executable:
+        obj = re.sub(r"(?<![\w./-])" + re.escape(sys.executable) + r"(?![\w./-])", "python", obj)
+    if str(root) != "/":
+        obj = _root_pattern(str(root)).sub(lambda m: "" if m.group(1) else ".", obj)
     return obj
 
 

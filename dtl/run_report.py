@@ -40,9 +40,13 @@ class RunReport(Observer):
         self.test = None
 
     def run_start(self, run) -> None:
+        """A resumed run's history so far: the records up to the checkpoint it resumed from (records
+        written after it, e.g. an epoch's whose checkpoint a kill prevented, are redone and logged again)."""
         path = run.out / "metrics.jsonl"
         for line in path.read_text().splitlines() if path.is_file() else []:
             rec = json.loads(line)
+            if rec.get("step", 0) > run.state.step:
+                continue
             if "train/acc" in rec:
                 self.epochs.append(rec)
             elif "probe/epochs" in rec:

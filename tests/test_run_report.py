@@ -67,3 +67,21 @@ def test_tensorboard_scalars_and_confusion_figures(tmp_path, shard_dir):
     assert {"val/confusion", "test/confusion"} <= set(tags["images"])
     figures = acc.Images("val/confusion")
     assert len(figures) == 2 and figures[0].width > 500 and figures[0].height > 300
+
+
+def test_a_resumed_report_drops_the_records_its_checkpoint_had_not_reached(tmp_path):
+    """Killed after an epoch's record but before its checkpoint: the resumed process logs that epoch
+    again, so the history read back stops at the checkpoint's step (no curve doubling back)."""
+    import json
+    from types import SimpleNamespace
+
+    from dtl.run_report import RunReport
+
+    rows = [{"step": 0, "epoch": 0, "probe/epochs": 9, "val/acc": 0.5},
+            {"step": 2, "epoch": 0, "train/loss_step": 1.0}, {"step": 4, "epoch": 1, "train/acc": 0.6},
+            {"step": 6, "epoch": 1, "train/loss_step": 0.8}, {"step": 8, "epoch": 2, "train/acc": 0.7}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = RunReport()
+    report.run_start(SimpleNamespace(out=tmp_path, state=SimpleNamespace(step=4)))  # resumed at epoch 1's end
+    assert [r["epoch"] for r in report.epochs] == [1] and [r["step"] for r in report.steps] == [2]
+    assert report.probe["probe/epochs"] == 9
