@@ -67,7 +67,7 @@ class Console(Observer):
               f"{n_trainable:,} parameters", flush=True)
 
     def epoch_end(self, run, record: dict) -> None:
-        line = (f"epoch {run.state.epoch + 1}/{run.cfg.epochs} stage {record['stage']} | "
+        line = (f"epoch {record['epoch']}/{run.cfg.epochs} stage {record['stage']} | "
                 f"train loss {record['train/loss']:.4f} acc {record['train/acc']:.3f}")
         if "val/acc" in record:
             line += f" | val loss {record['val/loss']:.4f} acc {record['val/acc']:.3f} f1 {record['val/macro_f1']:.3f}"

@@ -61,7 +61,7 @@ class RunReport(Observer):
         self.steps.append({"step": run.state.step, "epoch": run.state.epoch, **record})
 
     def epoch_end(self, run, record: dict) -> None:
-        self.epochs.append({"step": run.state.step, "epoch": run.state.epoch, **record})
+        self.epochs.append({"step": run.state.step, **record})  # the record carries its `epoch`
         plot_curves(self.epochs, self.steps, self.probe, run.plan, run.steps_per_epoch,
                     _dir(run) / "curves.png", run.cfg.model.backbone)
 
