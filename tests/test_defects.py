@@ -21,7 +21,13 @@ from dtl.train import train
 REPO = Path(__file__).resolve().parent.parent
 
 def _files(root: Path) -> dict:
-    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    """Every file under root by content; a link by its target, not the content behind it.
+
+    wandb links `logs/debug-core.log` to its service's own log outside the run, which the
+    service appends to whenever any run in the process logs: not a write into this run.
+    """
+    return {p: os.readlink(p) if p.is_symlink() else p.read_bytes()
+            for p in root.rglob("*") if p.is_symlink() or p.is_file()}
 
 
 def test_a_rejected_resume_writes_nothing(tmp_path, shard_dir):
