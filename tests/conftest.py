@@ -91,6 +91,9 @@ def tiny_config(tmp_path: Path, shard_dir: Path, **extra) -> dict:
         "optim": {"lr": 0.01},
         "wandb": {"enabled": False},
         "log_every_steps": 1,
+        # The report redraws curves.png every epoch (about 1.5 s of matplotlib on a 2-core CPU, most
+        # of a tiny run's wall): off here, on in the tests of the report and of what reads it.
+        "report": False,
     }
     for key, value in extra.items():
         node = cfg

@@ -12,7 +12,7 @@ from dtl.train import train
 @pytest.mark.parametrize("probe", [False, True])
 def test_report_pictures_csv_and_markdown(tmp_path, shard_dir, probe):
     extra = {"finetune.probe": {"enabled": True, "lr": 0.05}} if probe else {}
-    summary = train(Config.model_validate(tiny_config(tmp_path, shard_dir, **extra))).summary  # report: on by default
+    summary = train(Config.model_validate(tiny_config(tmp_path, shard_dir, report=True, **extra))).summary
     out = tmp_path / "run" / "report"
     for name, size in (("curves.png", (1200, 800)), ("confusion.png", (1100, 500)), ("top_losses.png", None)):
         path = out / name
