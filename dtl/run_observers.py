@@ -45,14 +45,25 @@ class MetricsFile(Observer):
             self.write({"step": run.state.step, "epoch": run.state.epoch, **numeric(result.summary)})
 
 
+def run_position(run) -> str:
+    """Where a checkpointed run stands, numbered as the epoch lines are (epoch 1 is the first).
+
+    `state.epoch` counts finished epochs and `batch_in_epoch` the batches done of the next one;
+    printing them raw read as "epoch 1" for a run stopped inside the console's "epoch 2/10".
+    """
+    state, epochs = run.state, run.cfg.epochs
+    if state.batch_in_epoch:
+        return f"in epoch {state.epoch + 1}/{epochs} after batch {state.batch_in_epoch}/{run.batches_per_epoch}"
+    return f"after epoch {state.epoch}/{epochs}" if state.epoch else f"before epoch 1/{epochs}"
+
+
 class Console(Observer):
     """What a person watching the job log reads: the setup, one line per epoch, the test result."""
 
     def run_start(self, run) -> None:
         cfg, acc, state = run.cfg, run.accelerator, run.state
         if run.resumed_from is not None:
-            print(f"resumed from {run.resumed_from}: epoch {state.epoch}, batch {state.batch_in_epoch}, "
-                  f"step {state.step}")
+            print(f"resumed from {run.resumed_from}: {run_position(run)}, step {state.step}")
         print(f"dtl: {cfg.model.backbone} ({sum(p.numel() for p in run.model.parameters()):,} params), "
               f"{len(run.classes)} classes, {acc.num_processes} process(es) on {acc.device} "
               f"({acc.distributed_type.value}), mixed precision {acc.mixed_precision}")
@@ -98,7 +109,7 @@ class Console(Observer):
 
     def fit_end(self, run, result) -> None:
         if result.status == "stopped":
-            print(f"stopped at epoch {result.epoch}, batch {run.state.batch_in_epoch}, step {result.steps}: "
+            print(f"stopped {run_position(run)}, step {result.steps}: "
                   f"checkpoint written; the same command continues from it", flush=True)
 
 

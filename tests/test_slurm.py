@@ -122,10 +122,10 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm, 
         subprocess.run(["scancel", job], env=env, capture_output=True)
 
     assert "batch shell got SIGUSR1" in text
-    assert re.search(r"stopped at epoch \d+, batch \d+, step \d+: checkpoint written", text), text[-3000:]
+    assert re.search(r"stopped in epoch \d+/\d+ after batch \d+/\d+, step \d+: checkpoint written", text), text[-3000:]
     assert f"job {job} requeued" in text
     assert "restart 1 on" in text
-    resumed_step = int(re.search(r"resumed from \S+: epoch \d+, batch \d+, step (\d+)", text).group(1))
+    resumed_step = int(re.search(r"resumed from \S+: in epoch \d+/\d+ after batch \d+/\d+, step (\d+)", text).group(1))
     assert 20 <= resumed_step < total  # it really stopped in the middle
 
     summary = json.loads((run / "summary.json").read_text())
