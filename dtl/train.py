@@ -56,7 +56,7 @@ def train(cfg: Config, observers: Sequence[Observer] = ()) -> RunResult:
             val, val_ema = evaluate_split(run, "val"), evaluate_ema(run)
             select_best(run, epoch, {"model": val, "ema": val_ema})
             run.events.epoch_end(run, epoch_record(run, stats, val, val_ema))
-            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            state.epoch, state.batch_in_epoch, state.epoch_sums = epoch + 1, 0, {}
             state.stopped_early = run.patience_spent()
             if state.stopped_early or (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.epochs:
                 run.save_checkpoint()

@@ -24,8 +24,8 @@ from dtl.optimization import group_lrs
 class EpochStats:
     loss: float = 0.0              # mean over the epoch's samples on all ranks
     acc: float = 0.0
-    images: int = 0                # trained in this process's part of the epoch, all ranks
-    seconds: float = 0.0
+    images: int = 0                # trained in the epoch, all ranks (a resumed epoch: before the stop too)
+    seconds: float = 0.0           # training time of the epoch (a resumed epoch: both parts, not the restart)
     first_batch_s: float = 0.0     # from the epoch's start to its first batch: the loader's start-up
     lrs: dict[str, float] = field(default_factory=dict)   # the rates of the epoch's last step
     stopped: bool = False
@@ -65,6 +65,7 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     correct = torch.zeros((), dtype=torch.long, device=acc.device)
     seen, t0, lrs, stopped, first = 0, time.time(), group_lrs(optimizer), False, 0.0
+    carried = dict(state.epoch_sums) if state.batch_in_epoch else {}
     bar = tqdm(total=run.batches_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}", leave=False,
                disable=progress_bars_off(acc))
     for x, y, forward, cached in batches(run, epoch):
@@ -103,13 +104,23 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
             run.events.step_end(run, {"train/loss_step": loss.item(), **lrs})
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+            state.epoch_sums = epoch_sums(acc, carried, loss_sum, correct, seen, time.time() - t0)
             run.save_checkpoint()
         if run.preempt.should_stop(state.step) or state.step == cfg.stop_after_steps:
             stopped = True
             break
     bar.close()
-    images, seconds = seen * acc.num_processes, time.time() - t0
-    if stopped:
-        return EpochStats(images=images, seconds=seconds, first_batch_s=first, lrs=lrs, stopped=True)
-    return EpochStats(float(acc.reduce(loss_sum, "sum")) / max(1, images),
-                      float(acc.reduce(correct, "sum")) / max(1, images), images, seconds, first, lrs)
+    sums = state.epoch_sums = epoch_sums(acc, carried, loss_sum, correct, seen, time.time() - t0)
+    if stopped:  # the checkpoint carries the part trained, so the resumed epoch reports the whole epoch
+        return EpochStats(images=sums["images"], seconds=sums["seconds"], first_batch_s=first, lrs=lrs, stopped=True)
+    images = max(1, sums["images"])
+    return EpochStats(sums["loss"] / images, sums["correct"] / images, sums["images"], sums["seconds"], first, lrs)
+
+
+def epoch_sums(acc, carried: dict, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, seconds: float) -> dict:
+    """The epoch's training so far on all ranks: this process's part reduced, plus what a checkpoint
+    carried from before a stop (a collective: every rank calls it at the same step)."""
+    return {"loss": carried.get("loss", 0.0) + float(acc.reduce(loss_sum, "sum")),
+            "correct": carried.get("correct", 0) + int(acc.reduce(correct, "sum")),
+            "images": carried.get("images", 0) + seen * acc.num_processes,
+            "seconds": carried.get("seconds", 0.0) + seconds}

@@ -78,3 +78,34 @@ def test_the_naive_path_is_caught(tmp_path, shard_dir):
     assert report[0]["equal_across_ranks"]           # head-only stage: DDP built for it, fine
     assert not report[1]["equal_across_ranks"]       # silently diverged after the first unfreeze
     assert report[1]["max_abs_diff"] > 0
+
+
+@pytest.mark.timeout(400)
+def test_two_ranks_stopped_mid_epoch_resume_to_the_uninterrupted_run(tmp_path, shard_dir):
+    """Stopped inside an epoch with loader workers on both ranks, the same command continues to the
+    uninterrupted run's weights, and the cut epoch reports its whole training on both ranks' samples."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    port = 29300 + os.getpid() % 150
+
+    def torchrun(name: str, *overrides: str) -> str:
+        cfg = tiny_config(tmp_path / name, shard_dir, epochs=1, **{
+            "data.num_workers": 1, "data.batch_size": 4, "finetune.stages": [{"epoch": 0, "train": "all"}]})
+        path = write_config(tmp_path / f"{name}.yaml", cfg)
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", str(port), "-m", "dtl.train", "--config", str(path), *overrides],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    torchrun("whole")
+    assert "stopped in epoch 1/1 after batch 2/5, step 2" in torchrun("cut", "stop_after_steps=2")
+    assert "resumed from" in torchrun("cut")
+    ours, theirs = (load_file(str(tmp_path / n / "run" / "model.safetensors")) for n in ("cut", "whole"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    epochs = [[r for r in map(json.loads, (tmp_path / n / "run" / "metrics.jsonl").read_text().splitlines())
+               if "train/loss" in r] for n in ("cut", "whole")]
+    assert [r["epoch"] for r in epochs[0]] == [r["epoch"] for r in epochs[1]] == [1]
+    assert epochs[0][0]["train/loss"] == pytest.approx(epochs[1][0]["train/loss"], rel=1e-9)
+    assert epochs[0][0]["train/acc"] == epochs[1][0]["train/acc"]

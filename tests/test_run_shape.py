@@ -1,11 +1,13 @@
 """The shape of a run (docs/architecture.md): a short loop, the event seam, one error base,
 whole-run accounting across resumes, one result type."""
 import ast
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import REPO, tiny_config, write_config
@@ -90,11 +92,20 @@ def test_stopped_and_resumed_run_counts_the_whole_run(tmp_path, shard_dir):
     assert type(stopped) is type(full) and stopped.status == "stopped" and stopped.steps == 7
     before = read_train_state(latest_checkpoint(tmp_path / "b" / "run" / "checkpoints"))
     assert before.images_seen == 7 * 8 and before.wall_time_s > 0
+    cfg.update(stop_after_steps=10)  # stops again after the epoch's last batch, before its validation
+    assert train(Config.model_validate(cfg)).steps == 10
     cfg.update(stop_after_steps=None)
     resumed = train(Config.model_validate(cfg))
     # 40 of 45 samples per epoch (whole batches of 8), 3 epochs: the whole run, not since the restart
     assert resumed.summary["train/images"] == full.summary["train/images"] == 3 * 40
     assert resumed.summary["wall_time_s"] > before.wall_time_s
+    # the epoch cut twice reports its whole training (it read "train loss 0.0000 acc 0.000 | 0.0 img/s")
+    epochs = {name: [r for r in map(json.loads, (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines())
+                     if "train/loss" in r] for name in ("a", "b")}
+    assert [r["epoch"] for r in epochs["b"]] == [r["epoch"] for r in epochs["a"]] == [1, 2, 3]
+    for ours, theirs in zip(epochs["b"], epochs["a"]):
+        assert ours["train/loss"] == pytest.approx(theirs["train/loss"], rel=1e-9)
+        assert ours["train/acc"] == theirs["train/acc"] and ours["train/img_per_s"] > 0
 
 
 def _main(tmp_path, cfg: dict, *overrides: str) -> subprocess.CompletedProcess:
