@@ -190,12 +190,11 @@ def test_a_tilted_run_evaluates_and_exports_under_the_real_prior(skewed_splits, 
     """Same training with and without the correction: the exports differ by exactly the offset in the
     head's output bias, and each run's test metrics (with TTA) are its exported file's under `dtl eval`."""
     import json
-    import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
     from dtl.checkpoints import load_exported
+    from dtl.cli import main
     from dtl.prior_correction import prior_offset
     from dtl.run_config import Config
     from dtl.train import train
@@ -207,10 +206,8 @@ def test_a_tilted_run_evaluates_and_exports_under_the_real_prior(skewed_splits, 
         cfg = tiny_config(tmp_path / str(correct), skewed_splits, **base, **{"eval.prior_correction": correct})
         runs[correct] = train(Config.model_validate(cfg)).summary, Path(cfg["output_dir"]), cfg
     for correct, (summary, out, _) in runs.items():
-        r = subprocess.run([sys.executable, "-m", "dtl.cli", "eval", str(out / "best.safetensors"), "--data",
-                            str(skewed_splits), "--num-workers", "0", "--tta", "hflip", "--out", str(out / "ev")],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+        assert main(["eval", str(out / "best.safetensors"), "--data", str(skewed_splits), "--num-workers", "0",
+                     "--tta", "hflip", "--out", str(out / "ev")]) == 0  # from the file alone, as a user's `dtl eval`
         ev = json.loads((out / "ev" / "eval.json").read_text())
         assert ev["confusion"] == summary["test/confusion"] and ev["loss"] == pytest.approx(summary["test/loss"])
     (on, out_on, cfg_on), (off, out_off, _) = runs[True], runs[False]

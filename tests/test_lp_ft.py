@@ -74,22 +74,17 @@ def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path, shard_dir):
 
 def test_tta_flips_on_the_test_and_validation_only_when_asked(tmp_path, shard_dir):
     import json
-    import subprocess
-    import sys
+
+    from dtl.cli import main
 
     plain = train(Config.model_validate(tiny_config(tmp_path / "a", shard_dir, epochs=2))).summary
     s = train(Config.model_validate(tiny_config(tmp_path / "b", shard_dir, epochs=2, **{"eval.tta": "flips"}))).summary
     assert s["val/best_acc"] == plain["val/best_acc"] and s["best_epoch"] == plain["best_epoch"]  # val: no TTA
-    r = subprocess.run([sys.executable, "-m", "dtl.cli", "eval", str(tmp_path / "b" / "run" / "best.safetensors"),
-                        "--data", str(shard_dir), "--tta", "flips", "--out", str(tmp_path / "ev")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    best = str(tmp_path / "b" / "run" / "best.safetensors")  # in-process: the CLI's own tests start it as a user does
+    assert main(["eval", best, "--data", str(shard_dir), "--tta", "flips", "--out", str(tmp_path / "ev")]) == 0
     ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert ev["acc"] == s["test/acc"] and ev["samples"] == 15  # the run's test is the TTA test
-    r = subprocess.run([sys.executable, "-m", "dtl.cli", "eval", str(tmp_path / "b" / "run" / "best.safetensors"),
-                        "--data", str(shard_dir), "--tta", "dihedral", "--out", str(tmp_path / "ev8")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert main(["eval", best, "--data", str(shard_dir), "--tta", "dihedral", "--out", str(tmp_path / "ev8")]) == 0
     assert json.loads((tmp_path / "ev8" / "eval.json").read_text())["tta"] == "dihedral"
     v = train(Config.model_validate(tiny_config(tmp_path / "c", shard_dir, epochs=2,
                                                 **{"eval.tta": "flips", "eval.tta_val": True}))).summary
