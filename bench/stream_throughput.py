@@ -1,6 +1,7 @@
 """Images/s of the dtl shard stream against torchvision ImageFolder + DataLoader, same JPEGs.
 
     python bench/stream_throughput.py [--images 1200] [--size 160] [--workers 2] [--batch 64] [--train]
+        [--cold] [--json bench/results/X.json]
 
 Both read the same JPEG files (ELPV cells re-encoded as 300x300 RGB JPEGs, or synthetic images
 when elpv-dataset is missing), apply the same timm transform (eval, or with --train the training
@@ -12,13 +13,20 @@ shared storage that this node has not read yet; without it both read from memory
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import platform
+import shlex
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from portable_json import portable_json
 
 
 def write_jpegs(root: Path, n: int) -> None:
@@ -63,6 +71,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--train", action="store_true", help="training transform, shuffled stream")
     p.add_argument("--cold", action="store_true", help="drop the page cache before each pass (root)")
+    p.add_argument("--json", help="write the rates with the command, machine and versions")
     args = p.parse_args()
     import torchvision
 
@@ -90,13 +99,24 @@ def main() -> None:
             res["ImageFolder"].append(rate(baseline, n, args.cold))
             res["dtl stream"].append(rate(ours, n - args.workers * args.batch if args.train else n, args.cold))
     best = {k: max(v) for k, v in res.items()}
+    med = {k: statistics.median(v) for k, v in res.items()}  # the first dtl pass includes its workers' start
     mode = "training transform, shuffled" if args.train else "eval transform"
     mode += ", cold page cache" if args.cold else ", files in page cache"
     print(f"{n} JPEGs 300x300 -> {args.size}px, {mode}, {args.workers} workers, batch {args.batch}, "
           f"best of {args.repeats}")
     for k, v in best.items():
         print(f"{k:<12} {v:8.1f} img/s")
-    print(f"ratio dtl/ImageFolder: {best['dtl stream'] / best['ImageFolder']:.2f}")
+    print(f"ratio dtl/ImageFolder: {best['dtl stream'] / best['ImageFolder']:.2f} (best), "
+          f"{med['dtl stream'] / med['ImageFolder']:.2f} (median)")
+    if args.json:
+        from dtl.recipe_compare import versions
+        out = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
+               "versions": versions(), "images": n, "size": args.size, "mode": mode, "workers": args.workers,
+               "batch": args.batch, "img_per_s_each_repeat": res, "best_img_per_s": best,
+               "ratio_dtl_over_imagefolder": best["dtl stream"] / best["ImageFolder"],
+               "median_img_per_s": med, "median_ratio": med["dtl stream"] / med["ImageFolder"]}
+        Path(args.json).write_text(portable_json(out, indent=1))
 
 
 if __name__ == "__main__":
