@@ -166,7 +166,7 @@ def test_scancel_stops_with_a_checkpoint_and_is_not_requeued(slurm, long_shards,
         subprocess.run(["scancel", job], env=env, capture_output=True)
     text = log.read_text()
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), text[-2000:]
-    assert re.search(r"stopped at epoch \d+, batch \d+, step \d+: checkpoint written", text), text[-2000:]
+    assert re.search(r"stopped in epoch \d+/8 after batch \d+/\d+, step \d+: checkpoint written", text), text[-2000:]
     # slurmctld reports the cancelled job as COMPLETING while its processes wind down
     assert re.search(rf"job {job} got SIGTERM while (CANCELLED|COMPLETING): not requeued", text), text[-2000:]
     assert list((run / "checkpoints").glob("ckpt-*"))  # the same command would continue from here
