@@ -19,7 +19,7 @@ yaml.safe_dump({"output_dir": "/tmp/fsdp/run", "epochs": 3,
   "wandb": {"enabled": False}, "optim": {"lr": 1e-3}, "log_every_steps": 5}, open("/tmp/fsdp/cfg.yaml", "w"))
 PY
 launch() { accelerate launch --config_file launch/fsdp_vit.yaml --num_processes "$n" dtl/train.py --config /tmp/fsdp/cfg.yaml "$@" 2>&1 | grep -v -i "warn"; }
-launch stop_after_steps=20          # stops mid-epoch 1, after the first unfreeze
+launch stop_after_steps=20          # stops inside epoch 2/3 (the console's numbering), after the first unfreeze
 ls -R /tmp/fsdp/run/checkpoints | head -20
 launch                              # resumes (resume=auto) and finishes
 python3 -m dtl.cli predict /tmp/fsdp/run/model.safetensors /tmp/fsdp/img/circle/img_000.png /tmp/fsdp/img/stripes/img_001.jpg

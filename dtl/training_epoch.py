@@ -66,6 +66,7 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
     correct = torch.zeros((), dtype=torch.long, device=acc.device)
     seen, t0, lrs, stopped, first = 0, time.time(), group_lrs(optimizer), False, 0.0
     carried = dict(state.epoch_sums) if state.batch_in_epoch else {}
+    lrs = carried.get("lrs", lrs)  # resumed after the epoch's last step: that step's rates, not the next one's
     bar = tqdm(total=run.batches_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}", leave=False,
                disable=progress_bars_off(acc))
     for x, y, forward, cached in batches(run, epoch):
@@ -104,23 +105,24 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
             run.events.step_end(run, {"train/loss_step": loss.item(), **lrs})
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
-            state.epoch_sums = epoch_sums(acc, carried, loss_sum, correct, seen, time.time() - t0)
+            state.epoch_sums = epoch_sums(acc, carried, loss_sum, correct, seen, time.time() - t0, lrs)
             run.save_checkpoint()
         if run.preempt.should_stop(state.step) or state.step == cfg.stop_after_steps:
             stopped = True
             break
     bar.close()
-    sums = state.epoch_sums = epoch_sums(acc, carried, loss_sum, correct, seen, time.time() - t0)
+    sums = state.epoch_sums = epoch_sums(acc, carried, loss_sum, correct, seen, time.time() - t0, lrs)
     if stopped:  # the checkpoint carries the part trained, so the resumed epoch reports the whole epoch
         return EpochStats(images=sums["images"], seconds=sums["seconds"], first_batch_s=first, lrs=lrs, stopped=True)
     images = max(1, sums["images"])
     return EpochStats(sums["loss"] / images, sums["correct"] / images, sums["images"], sums["seconds"], first, lrs)
 
 
-def epoch_sums(acc, carried: dict, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, seconds: float) -> dict:
+def epoch_sums(acc, carried: dict, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, seconds: float,
+               lrs: dict) -> dict:
     """The epoch's training so far on all ranks: this process's part reduced, plus what a checkpoint
-    carried from before a stop (a collective: every rank calls it at the same step)."""
+    carried from before a stop (a collective: every rank calls it at the same step); `lrs` the last step's."""
     return {"loss": carried.get("loss", 0.0) + float(acc.reduce(loss_sum, "sum")),
             "correct": carried.get("correct", 0) + int(acc.reduce(correct, "sum")),
             "images": carried.get("images", 0) + seen * acc.num_processes,
-            "seconds": carried.get("seconds", 0.0) + seconds}
+            "seconds": carried.get("seconds", 0.0) + seconds, "lrs": lrs}

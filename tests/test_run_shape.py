@@ -87,7 +87,7 @@ def test_stopped_and_resumed_run_counts_the_whole_run(tmp_path, shard_dir):
     from dtl.checkpoints import latest_checkpoint, read_train_state
 
     full = train(Config.model_validate(tiny_config(tmp_path / "a", shard_dir)))
-    cfg = tiny_config(tmp_path / "b", shard_dir, stop_after_steps=7)
+    cfg = tiny_config(tmp_path / "b", shard_dir, stop_after_steps=7, report=True)  # the report reads its history back
     stopped = train(Config.model_validate(cfg))
     assert type(stopped) is type(full) and stopped.status == "stopped" and stopped.steps == 7
     before = read_train_state(latest_checkpoint(tmp_path / "b" / "run" / "checkpoints"))
@@ -103,9 +103,11 @@ def test_stopped_and_resumed_run_counts_the_whole_run(tmp_path, shard_dir):
     epochs = {name: [r for r in map(json.loads, (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines())
                      if "train/loss" in r] for name in ("a", "b")}
     assert [r["epoch"] for r in epochs["b"]] == [r["epoch"] for r in epochs["a"]] == [1, 2, 3]
+    assert (tmp_path / "b" / "run" / "report" / "curves.png").stat().st_size > 15_000
     for ours, theirs in zip(epochs["b"], epochs["a"]):
         assert ours["train/loss"] == pytest.approx(theirs["train/loss"], rel=1e-9)
         assert ours["train/acc"] == theirs["train/acc"] and ours["train/img_per_s"] > 0
+        assert {k: v for k, v in ours.items() if k.startswith("lr/")} == {k: v for k, v in theirs.items() if k.startswith("lr/")}
 
 
 def _main(tmp_path, cfg: dict, *overrides: str) -> subprocess.CompletedProcess:
