@@ -45,8 +45,9 @@ class TrainState:
     probe_done: bool = False       # the LP-FT probe has trained the head
     wall_time_s: float = 0.0       # the whole run's, across resumes and requeues
     images_seen: int = 0           # training images, all ranks, across resumes
-    epoch_sums: dict = field(default_factory=dict)  # `epoch`'s training so far (loss, correct, images, seconds;
-                                                    # all ranks) when checkpointed mid-epoch; {} between epochs
+    epoch_sums: dict = field(default_factory=dict)  # `epoch`'s training so far (loss, correct, images, seconds
+                                                    # on all ranks; the last step's lrs) when checkpointed
+                                                    # mid-epoch; {} between epochs
     wandb_run_id: Optional[str] = None
     identity: dict = field(default_factory=dict)   # backbone, classes, groups: checked on resume
     scheduler: dict = field(default_factory=dict)

@@ -64,9 +64,10 @@ def train_one_epoch(run, epoch: int) -> EpochStats:
         torch.cuda.reset_peak_memory_stats(acc.device)  # the epoch record reports this epoch's (stage's) peak
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     correct = torch.zeros((), dtype=torch.long, device=acc.device)
-    seen, t0, lrs, stopped, first = 0, time.time(), group_lrs(optimizer), False, 0.0
+    seen, t0, stopped, first = 0, time.time(), False, 0.0
     carried = dict(state.epoch_sums) if state.batch_in_epoch else {}
-    lrs = carried.get("lrs", lrs)  # resumed after the epoch's last step: that step's rates, not the next one's
+    # resumed after the epoch's last step: that step's rates, not the next one's
+    lrs = carried.get("lrs") or group_lrs(optimizer)
     bar = tqdm(total=run.batches_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}", leave=False,
                disable=progress_bars_off(acc))
     for x, y, forward, cached in batches(run, epoch):
