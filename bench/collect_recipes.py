@@ -8,15 +8,11 @@ sample standard deviation, min and max per arm (test accuracy, macro-F1, and the
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import shlex
 import statistics
-import sys
 from pathlib import Path
-from portable_json import portable_json
+
+from result_header import result_header, write_result
 
 KEYS = ("test/acc", "test/macro_f1", "test/balanced_acc", "test_final/acc", "test_final/macro_f1", "best_epoch",
         "wall_time_s")
@@ -48,13 +44,7 @@ def main() -> None:
               f"macro-F1 {st['test/macro_f1']['mean']:.4f} ± {st['test/macro_f1']['sd']:.4f}  | final weights "
               f"acc {st['test_final/acc']['mean']:.4f} ± {st['test_final/acc']['sd']:.4f}")
     if args.json:
-        import timm
-        import torch
-        Path(args.json).write_text(portable_json({
-            "command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "cpus": len(os.sched_getaffinity(0)), "gpu": None},
-            "versions": {"torch": torch.__version__, "timm": timm.__version__}, "rows": rows, "summary": stats},
-            indent=1))
+        write_result(args.json, result_header(rows=rows, summary=stats))
 
 
 if __name__ == "__main__":

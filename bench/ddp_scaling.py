@@ -12,20 +12,16 @@ On a CPU, N processes share the cores: each gets cores / N threads (dtl's own sp
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
 from pathlib import Path
 
-import torch
 
 from process_watch import ProcessWatch
-from portable_json import portable_json
+from result_header import result_header, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,16 +64,12 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     one = statistics.median(x["img_per_s"] for x in rows if x["procs"] == 1)
     many = statistics.median(x["img_per_s"] for x in rows if x["procs"] == args.procs)
-    result = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-              "versions": {"torch": torch.__version__, "python": platform.python_version()},
-              "global_batch": args.global_batch, "rows": rows,
-              "speedup": many / one, "efficiency": many / one / args.procs}
+    result = result_header(global_batch=args.global_batch, rows=rows,
+                           speedup=many / one, efficiency=many / one / args.procs)
     print(f"1 process {one:.1f} img/s, {args.procs} processes {many:.1f} img/s: "
           f"speedup {many / one:.2f}x, efficiency {many / one / args.procs:.2f}")
     if args.json:
-        Path(args.json).write_text(portable_json(result, indent=1))
+        write_result(args.json, result)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prior_shift import scores, split_probs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dtl.recipe_compare import versions  # noqa: E402
 from dtl.run_config import load_config  # noqa: E402
-from portable_json import portable_json
+from result_header import result_header, write_result  # noqa: E402
 
 GRID = [x / 4 for x in range(-4, 9)]  # -1 .. 2 in steps of 0.25
 
@@ -79,10 +76,7 @@ def main() -> None:
             v, t = r[rule]["val"], r[rule]["test"]
             print(f"  {rule:18s} val acc {v['acc']:.3f} F1 {v['macro_f1']:.3f} | test acc {t['acc']:.3f} F1 {t['macro_f1']:.3f}")
     if args.json:
-        Path(args.json).write_text(portable_json({
-            "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "machine": {"platform": platform.platform(), "processor": platform.processor()},
-            "versions": versions(), "runs": rows}, indent=1))
+        write_result(args.json, result_header(runs=rows))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ imagefolder` (stratified 70/10/20 split, seed 0), and runs `dtl compare` with co
 from __future__ import annotations
 
 import argparse
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dtl.recipe_compare import compare, table  # noqa: E402
-from portable_json import portable_json
+from result_header import result_header, write_result
 
 
 def write_digits(folder: Path) -> None:
@@ -54,8 +53,8 @@ def main() -> None:
                      [f"data.root={data / 'shards'}", *args.set], args.full_lr)
     print(table(result["summary"]))
     if args.json:
-        result["command"] = "python " + shlex.join(sys.argv)
-        Path(args.json).write_text(portable_json(result, indent=1))
+        write_result(args.json, result_header(**{k: v for k, v in result.items()
+                                                 if k not in ("date", "machine", "versions")}))
 
 
 if __name__ == "__main__":

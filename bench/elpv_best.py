@@ -11,11 +11,7 @@ of a run alone.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import shlex
 import shutil
 import signal
 import statistics
@@ -23,10 +19,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
-from portable_json import portable_json
+from result_header import result_header, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 DEFECTIVE = (2, 3)  # likely_defective (p = 2/3) and defective (p = 1)
@@ -113,16 +108,6 @@ def run_all(args, rows: list[dict], pending: list[int]) -> None:
                   flush=True)
 
 
-def gpu_name() -> Optional[str]:
-    """The GPU's name without initialising CUDA here (seconds, at the end of a timed call)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.splitlines()[0] if out else None
-
-
 def write(args, rows: list[dict], quiet: bool = False) -> None:
     ok = [r for r in rows if r["rc"] == 0]
     summary = {k: spread([r[k] for r in ok]) for k in ("test/acc", "test/macro_f1", "test_final/acc", "wall_s")} if ok else {}
@@ -130,15 +115,11 @@ def write(args, rows: list[dict], quiet: bool = False) -> None:
         summary["binary/acc"] = spread([r["binary"]["acc"] for r in ok])
         if not quiet:
             print(" | ".join(f"{k} {v['mean']:.4f} ± {v['sd']:.4f}" for k, v in summary.items()))
-    result = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": gpu_name()},
-              "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__,
-                           "python": platform.python_version()},
-              "config": Path(args.config).read_text(), "overrides": args.set, "parallel": args.parallel,
-              "data": json.loads((Path(args.data) / "dataset.json").read_text()).get("source"),
-              "summary": summary, "runs": rows}
+    result = result_header(config=Path(args.config).read_text(), overrides=args.set, parallel=args.parallel,
+                           data=json.loads((Path(args.data) / "dataset.json").read_text()).get("source"),
+                           summary=summary, runs=rows)
     if args.json:
-        Path(args.json).write_text(portable_json(result, indent=1))
+        write_result(args.json, result)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from portable_json import portable_json
+from result_header import result_header, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,8 +48,6 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-frozen-cache")
     p.add_argument("--json")
     a = p.parse_args()
-    import timm
-    import torch
 
     arms = {}
     for name, cached in (("uncached", False), ("cached", True)):
@@ -62,17 +58,13 @@ def main() -> None:
     unc = arms["uncached"]["epochs"]
     cac = arms["cached"]["epochs"][1:]  # after the fill
     ratio = {k: statistics.mean(e[k] for e in unc) / statistics.mean(e[k] for e in cac) for k in ("train_s", "epoch_s")}
-    result = {"command": "python " + shlex.join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(),
-                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-              "versions": {"torch": torch.__version__, "timm": timm.__version__},
-              "arms": arms, "speedup_after_fill": ratio,
-              "note": "uncached: every epoch runs the frozen backbone; cached (K=1): epoch 1 fills the cache, "
-                      "later epochs train the head on cached features"}
+    result = result_header(arms=arms, speedup_after_fill=ratio,
+                           note="uncached: every epoch runs the frozen backbone; cached (K=1): epoch 1 fills the "
+                                "cache, later epochs train the head on cached features")
     print(json.dumps({"speedup_after_fill": ratio,
                       **{k: [round(e["train_s"], 2) for e in v["epochs"]] for k, v in arms.items()}}, indent=1))
     if a.json:
-        Path(a.json).write_text(portable_json(result, indent=1) + "\n")
+        write_result(a.json, result)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,8 @@ Peak GPU memory: model-only from torch, dtl from its epoch record (sys/gpu_peak_
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -33,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 from imagefolder_export import export_imagefolder
-from portable_json import portable_json
+from result_header import result_header, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 TIMM_TRAIN = REPO / "bench" / "third_party" / "timm_train.py"
@@ -263,13 +259,8 @@ def main() -> None:
     n = replicate(out / "jpeg", data, args.replicas)
     if "timm" not in args.skip or "timm_loader" not in args.skip:
         export_imagefolder(data, out / "imagefolder", ["train"])
-    result = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
-              "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__,
-                           "python": platform.python_version(), "cuda": torch.version.cuda},
-              "settings": {k: v for k, v in vars(args).items() if k != "json"}, "train_images_per_epoch": n,
-              "data": json.loads((data / "dataset.json").read_text()).get("source"), "models": {}}
+    result = result_header(settings={k: v for k, v in vars(args).items() if k != "json"}, train_images_per_epoch=n,
+                           data=json.loads((data / "dataset.json").read_text()).get("source"), models={})
     for name in args.models:
         res = result["models"][name] = {}
         cfg = dtl_config(args, name, data, out)
@@ -294,7 +285,7 @@ def main() -> None:
                                      if kk not in ("log_tail",)} if isinstance(v, dict) else round(v, 3))
                                 for k, v in res.items()}), flush=True)
         if args.json:  # after every model: a run cut short keeps what it measured
-            Path(args.json).write_text(portable_json(result, indent=1))
+            write_result(args.json, result)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
-import time
 from contextlib import closing
 from pathlib import Path
 
@@ -29,10 +27,9 @@ from dtl.data_pipeline import Data, build_transform  # noqa: E402
 from dtl.dataset_index import read_index, resolve_classes, split_source  # noqa: E402
 from dtl.evaluation import evaluate  # noqa: E402
 from dtl.parallel_strategy import ParallelStrategy  # noqa: E402
-from dtl.recipe_compare import versions  # noqa: E402
 from dtl.run_config import AugmentConfig, load_config  # noqa: E402
 from dtl.shard_stream import ShardStream, StreamOptions  # noqa: E402
-from portable_json import portable_json
+from result_header import result_header, write_result  # noqa: E402
 
 TAUS = [0.0, 0.25, 0.5, 0.75, 1.0, -0.25, -0.5]
 
@@ -78,15 +75,13 @@ def main() -> None:
     for split, tta in (("val", cfg.eval.tta if cfg.eval.tta_val else "none"), ("test", cfg.eval.tta)):
         probs, labels = split_probs(run / "best.safetensors", cfg.data.root, split, tta)
         rows[split] = {str(tau): decide(probs, labels, tau * log_counts) for tau in TAUS}
-    result = {"command": "python " + " ".join(sys.argv), "run": str(run), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": {"platform": platform.platform(), "processor": platform.processor()},
-              "versions": versions(), "train_class_counts": counts, "balanced_sampling": cfg.data.balanced_sampling,
-              "by_tau": rows}
+    result = result_header(run=str(run), train_class_counts=counts, balanced_sampling=cfg.data.balanced_sampling,
+                           by_tau=rows)
     for split, by in rows.items():
         for tau, m in by.items():
             print(f"{split} tau {tau:>5}: acc {m['acc']:.3f} macro-F1 {m['macro_f1']:.3f} loss {m['loss']:.3f}")
     if args.json:
-        Path(args.json).write_text(portable_json(result, indent=1))
+        write_result(args.json, result)
 
 
 if __name__ == "__main__":

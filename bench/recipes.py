@@ -8,7 +8,6 @@ split, backbone, resolution, augmentation and epoch budget; only the plan differ
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dtl.recipe_compare import compare, table  # noqa: E402
-from portable_json import portable_json
+from result_header import result_header, write_result
 
 
 def main() -> None:
@@ -32,9 +31,9 @@ def main() -> None:
     result = compare(args.config, args.seeds, args.out, args.only, args.set, args.full_lr)
     print(table(result["summary"]))
     if args.json:
-        result["command"] = "python " + shlex.join(sys.argv)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(portable_json(result, indent=1))
+        write_result(args.json, result_header(**{k: v for k, v in result.items()
+                                                 if k not in ("date", "machine", "versions")}))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ this table has still been chosen on test, so quote it as such.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from portable_json import portable_json
+from result_header import result_header, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -104,14 +102,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(2)
-    result = {"command": "python bench/selection_rules.py " + " ".join(sys.argv[1:]), "config": args.config,
-              "overrides": args.set, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
-                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-              "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                           "dtl": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                 text=True, cwd=REPO).stdout.strip()},
-              "seeds": {}}
+    result = result_header(config=args.config, overrides=args.set, seeds={})
     for seed in args.seeds:
         out = REPO / args.out / f"seed{seed}"
         wall = train(args.config, seed, out, args.set)
@@ -131,7 +122,7 @@ def main() -> None:
               f"{summary[k]['test/macro_f1']['sd']:.4f} {summary[k]['test/macro_f1']['per_seed']}")
     result["summary"] = summary
     if args.json:
-        Path(args.json).write_text(portable_json(result, indent=1))
+        write_result(args.json, result)
 
 
 if __name__ == "__main__":

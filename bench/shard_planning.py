@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
-import shlex
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from dtl.dataset_index import read_index, split_source, write_index  # noqa: E402
 from dtl.shard_stream import ShardStream, StreamOptions  # noqa: E402
-from portable_json import portable_json
+from result_header import result_header, write_result
 
 
 def synthetic_index(root: Path, shards: int) -> int:
@@ -88,13 +86,9 @@ def main() -> None:
     for r in rows:
         print(json.dumps(r))
     if a.json:
-        import torch
-        Path(a.json).write_text(portable_json({
-            "command": "python " + shlex.join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
-            "versions": {"torch": torch.__version__, "python": platform.python_version()},
-            "setup": {"world": a.world, "workers": a.workers, "rank": a.world - 1},
-            "goal": "plan under 1 s per epoch and under 100 MB per rank at 100k shards", "rows": rows}, indent=1) + "\n")
+        write_result(a.json, result_header(
+            setup={"world": a.world, "workers": a.workers, "rank": a.world - 1},
+            goal="plan under 1 s per epoch and under 100 MB per rank at 100k shards", rows=rows))
 
 
 if __name__ == "__main__":

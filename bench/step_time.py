@@ -12,13 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import os
-import platform
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,9 +20,8 @@ from dtl.backbones import create_classifier
 from dtl.finetune_plan import FinetunePlan, freeze_batchnorm, set_trainable
 from dtl.layer_groups import layer_groups
 from dtl.optimization import build_optimizer
-from dtl.recipe_compare import versions
 from dtl.run_config import FinetuneConfig, OptimConfig, StageConfig
-from portable_json import portable_json
+from result_header import result_header, write_result
 
 
 def step_time(model, groups, k: int | str, x, y, steps: int, first: list | None = None) -> float:
@@ -60,14 +53,11 @@ def write_json(args, n_groups: int, ms_each_round: dict, med: dict, compile_s: l
     full = med["all"]
     rows = [{"trainable_groups": k, "ms_per_step": 1000 * t, "ms_each_round": ms_each_round[k],
              "img_per_s": args.batch / t, "vs_all": t / full} for k, t in med.items()]
-    out = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                       "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"},
-           "versions": versions(), "model": args.model, "size": args.size, "batch": args.batch,
-           "channels_last": args.channels_last, "groups": n_groups, "rows": rows}
+    out = result_header(device=args.device, model=args.model, size=args.size, batch=args.batch,
+                        channels_last=args.channels_last, groups=n_groups, rows=rows)
     if compile_s:
         out["compiled_first_step_s"] = compile_s  # each round's first step: the compile, then guards
-    Path(args.json).write_text(portable_json(out, indent=1))
+    write_result(args.json, out)
 
 
 def main() -> None:

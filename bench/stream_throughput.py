@@ -13,12 +13,8 @@ shared storage that this node has not read yet; without it both read from memory
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from portable_json import portable_json
+from result_header import result_header, write_result
 
 
 def write_jpegs(root: Path, n: int) -> None:
@@ -109,14 +105,10 @@ def main() -> None:
     print(f"ratio dtl/ImageFolder: {best['dtl stream'] / best['ImageFolder']:.2f} (best), "
           f"{med['dtl stream'] / med['ImageFolder']:.2f} (median)")
     if args.json:
-        from dtl.recipe_compare import versions
-        out = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
-               "versions": versions(), "images": n, "size": args.size, "mode": mode, "workers": args.workers,
-               "batch": args.batch, "img_per_s_each_repeat": res, "best_img_per_s": best,
-               "ratio_dtl_over_imagefolder": best["dtl stream"] / best["ImageFolder"],
-               "median_img_per_s": med, "median_ratio": med["dtl stream"] / med["ImageFolder"]}
-        Path(args.json).write_text(portable_json(out, indent=1))
+        write_result(args.json, result_header(
+            images=n, size=args.size, mode=mode, workers=args.workers, batch=args.batch, img_per_s_each_repeat=res,
+            best_img_per_s=best, ratio_dtl_over_imagefolder=best["dtl stream"] / best["ImageFolder"],
+            median_img_per_s=med, median_ratio=med["dtl stream"] / med["ImageFolder"]))
 
 
 if __name__ == "__main__":

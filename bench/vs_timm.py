@@ -34,10 +34,8 @@ checkpoint arrives.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -48,7 +46,7 @@ import torch
 
 from imagefolder_export import export_imagefolder
 from process_watch import ProcessWatch
-from portable_json import portable_json
+from result_header import result_header, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 TIMM_TRAIN = REPO / "bench" / "third_party" / "timm_train.py"
@@ -309,14 +307,10 @@ def main() -> None:
     for dtl_run, timm_run in zip(runs[::2], runs[1::2]):
         pairs.append(pair_summary(dtl_run, timm_run))
         print(json.dumps(pairs[-1]))
-    result = {"command": "python " + shlex.join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-                          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-              "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__,
-                           "python": platform.python_version(), "timm_train": "bench/third_party/timm_train.py"},
-              "samples": counts, "runs": runs, "pairs": pairs}
+    result = result_header(samples=counts, runs=runs, pairs=pairs)
+    result["versions"]["timm_train"] = "bench/third_party/timm_train.py"
     if args.json:
-        Path(args.json).write_text(portable_json(result, indent=1))
+        write_result(args.json, result)
 
 
 if __name__ == "__main__":

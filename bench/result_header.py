@@ -1,0 +1,59 @@
+"""The block every result under bench/results/ starts with: the command that made it, when, on what
+machine and with which versions (dtl's commit included), so each number the README quotes can be
+traced to a rerunnable command. One builder, so the benches' JSONs read alike."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from portable_json import REPO, portable_json
+
+
+def gpu_name() -> Optional[str]:
+    """The first GPU's name from nvidia-smi: no CUDA context is made here (seconds, and a bench that
+    runs its arms as subprocesses never initialises CUDA itself)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0] if out else None
+
+
+def versions() -> dict:
+    """Python, torch (and its CUDA), torchvision, timm and the repository's commit (`+dirty` when the
+    tree had uncommitted changes: the result then came from code no commit holds)."""
+    import timm
+    import torch
+    import torchvision
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    sha = git("rev-parse", "--short", "HEAD")
+    if sha and git("status", "--porcelain", "--untracked-files=no"):
+        sha += "+dirty"
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "torchvision": torchvision.__version__, "timm": timm.__version__, "dtl": sha}
+
+
+def result_header(**extra: Any) -> dict:
+    """`command`, `date`, `machine` and `versions`, then `extra`'s keys: a result's first keys."""
+    import torch
+
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(), "gpu": gpu_name()}
+    return {"command": "python " + shlex.join(sys.argv),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": machine, "versions": versions(), **extra}
+
+
+def write_result(path: str | Path, result: dict) -> None:
+    """`result` as indented JSON at `path`, with this machine's paths made portable."""
+    Path(path).write_text(portable_json(result, indent=1) + "\n")
