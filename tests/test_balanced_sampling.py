@@ -9,6 +9,9 @@ import webdataset as wds
 from conftest import CLASSES, encode, make_image, tiny_config
 from dtl.shard_writer import index_shards
 
+# its module-scoped fixture is built once: the module's tests stay on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_balanced_sampling")
+
 COUNTS = [60, 15, 5]  # 80 training samples, 12:3:1
 
 

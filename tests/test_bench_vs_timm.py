@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 
+# its module-scoped fixture is built once: the module's tests stay on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_bench_vs_timm")
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 

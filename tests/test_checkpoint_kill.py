@@ -18,6 +18,10 @@ from safetensors.torch import load_file
 from conftest import REPO, tiny_config, write_config
 from dtl.checkpoints import STATE_FILE, latest_checkpoint, list_checkpoints, recover_partial
 
+# multi-process training (torchrun, accelerate, Slurm, signals): one such test at a time under
+# pytest-xdist, on one worker, so two of them never share the 2 cores and their timing waits
+pytestmark = pytest.mark.xdist_group("processes")
+
 
 def _command(config: Path, out: Path) -> list[str]:
     return [sys.executable, str(REPO / "dtl" / "train.py"), "--config", str(config), f"output_dir={out}"]

@@ -15,6 +15,10 @@ from accelerate.utils.launch import prepare_multi_gpu_env
 from conftest import REPO
 from dtl.cluster_launch import expand_hostlist
 
+# multi-process training (torchrun, accelerate, Slurm, signals): one such test at a time under
+# pytest-xdist, on one worker, so two of them never share the 2 cores and their timing waits
+pytestmark = pytest.mark.xdist_group("processes")
+
 CONFIGS = sorted((REPO / "launch").glob("*.yaml"))
 EXPECTED = {  # file -> (distributed type, processes, mixed precision)
     "cpu.yaml": (DistributedType.NO, 1, "no"),

@@ -17,6 +17,10 @@ from dtl.shard_stream import group_members
 from dtl.tar_members import tar_members
 from dtl.train import train
 
+# multi-process training (torchrun, accelerate, Slurm, signals): one such test at a time under
+# pytest-xdist, on one worker, so two of them never share the 2 cores and their timing waits
+pytestmark = pytest.mark.xdist_group("processes")
+
 
 class Flaky(SimpleHTTPRequestHandler):
     """Serves a folder; `faults` maps a file name to the misbehaviours of its first requests."""

@@ -16,6 +16,10 @@ import yaml
 from conftest import CLASSES, blank_image, encode, make_image, tiny_config
 from dtl.shard_writer import index_shards
 
+# multi-process training (torchrun, accelerate, Slurm, signals): one such test at a time under
+# pytest-xdist, on one worker, so two of them never share the 2 cores and their timing waits
+pytestmark = pytest.mark.xdist_group("processes")
+
 HERE = Path(__file__).parent
 SIZES = [3, 11, 5, 8, 2, 13, 6]  # 7 shards of uneven sizes, 48 samples
 

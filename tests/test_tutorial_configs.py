@@ -9,6 +9,9 @@ import yaml
 from dtl.run_config import Config
 from dtl.train import train
 
+# its module-scoped fixture is built once: the module's tests stay on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_tutorial_configs")
+
 TUTORIALS = Path(__file__).resolve().parent.parent / "configs" / "tutorials"
 SMALL = {"torchvision/inception_v3": 299, "legacy_xception": 71, "torchvision/alexnet": 64}  # smallest inputs they take
 
