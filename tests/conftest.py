@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share the cores: torch's OpenMP threads sleep when idle instead of spinning on
+    # cores the other worker's processes need (set before torch loads; inherited by subprocesses)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 CLASSES = ["circle", "square", "stripes"]
 
