@@ -9,10 +9,6 @@ import pytest
 from conftest import REPO, tiny_config, write_config
 from dtl.cpu_threads import available_cpus
 
-# multi-process training (torchrun, accelerate, Slurm, signals): one such test at a time under
-# pytest-xdist, on one worker, so two of them never share the 2 cores and their timing waits
-pytestmark = pytest.mark.xdist_group("processes")
-
 
 def _launch(tmp_path, shard_dir, env_extra: dict) -> str:
     cfg = tiny_config(tmp_path, shard_dir, epochs=1, max_steps_per_epoch=1)

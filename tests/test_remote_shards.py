@@ -17,10 +17,6 @@ from dtl.shard_stream import group_members
 from dtl.tar_members import tar_members
 from dtl.train import train
 
-# multi-process training (torchrun, accelerate, Slurm, signals): one such test at a time under
-# pytest-xdist, on one worker, so two of them never share the 2 cores and their timing waits
-pytestmark = pytest.mark.xdist_group("processes")
-
 
 class Flaky(SimpleHTTPRequestHandler):
     """Serves a folder; `faults` maps a file name to the misbehaviours of its first requests."""
@@ -116,6 +112,7 @@ def test_shard_cache_reads_the_network_once_and_keeps_to_its_cap(tmp_path, shard
     assert 1 <= len(kept) < len(tars) and sum(p.stat().st_size for p in kept) <= 3.5 * size
 
 
+@pytest.mark.xdist_group("processes")  # torchrun ranks: one multi-process test at a time (docs/architecture.md)
 @pytest.mark.timeout(400)
 def test_two_gloo_ranks_over_a_flaky_server_end_as_from_disk(tmp_path, shard_dir, server):
     """The same under DDP: 2 torchrun processes (gloo), one worker each, against the flaky server."""

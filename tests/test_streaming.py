@@ -16,10 +16,6 @@ import yaml
 from conftest import CLASSES, blank_image, encode, make_image, tiny_config
 from dtl.shard_writer import index_shards
 
-# multi-process training (torchrun, accelerate, Slurm, signals): one such test at a time under
-# pytest-xdist, on one worker, so two of them never share the 2 cores and their timing waits
-pytestmark = pytest.mark.xdist_group("processes")
-
 HERE = Path(__file__).parent
 SIZES = [3, 11, 5, 8, 2, 13, 6]  # 7 shards of uneven sizes, 48 samples
 
@@ -39,6 +35,7 @@ def uneven_shards(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.xdist_group("processes")  # torchrun ranks: one multi-process test at a time (docs/architecture.md)
 @pytest.mark.timeout(300)
 def test_two_ranks_two_workers_equal_steps_exactly_once(uneven_shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
