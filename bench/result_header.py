@@ -26,6 +26,17 @@ def gpu_name() -> Optional[str]:
     return out.splitlines()[0] if out else None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what platform knows: CPU results depend on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions() -> dict:
     """Python, torch (and its CUDA), torchvision, timm and the repository's commit (`+dirty` when the
     tree had uncommitted changes: the result then came from code no commit holds)."""
@@ -47,7 +58,8 @@ def result_header(**extra: Any) -> dict:
     """`command`, `date`, `machine` and `versions`, then `extra`'s keys: a result's first keys."""
     import torch
 
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    machine = {"platform": platform.platform(), "processor": cpu_model(),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch picked: AVX2, AVX512
                "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(), "gpu": gpu_name()}
     return {"command": "python " + shlex.join(sys.argv),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),

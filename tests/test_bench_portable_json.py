@@ -41,6 +41,7 @@ def test_every_bench_result_starts_with_command_machine_and_versions(tmp_path, m
     assert r["command"] == "python bench/x.py --out 'runs/a b'"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", r["date"])
     assert r["machine"]["cpus"] >= 1 and r["machine"]["torch_threads"] >= 1 and "gpu" in r["machine"]
+    assert r["machine"]["processor"] and r["machine"]["cpu_capability"]
     assert {"python", "torch", "torchvision", "timm", "dtl"} <= set(r["versions"])
     assert re.fullmatch(r"[0-9a-f]{4,40}(\+dirty)?", r["versions"]["dtl"])
 
