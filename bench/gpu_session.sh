@@ -24,7 +24,7 @@ print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accele
 t0=$(date +%s)
 left() { echo $(( ${DEADLINE:-570} - ($(date +%s) - t0) )); }  # seconds left of the call's budget
 # 0. the GPU-only tests (the side-stream prefetch of the next batch)
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_device_batches.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_device_batches.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
 if [ "${SMOKE:-0}" = 1 ]; then
   best=(--seeds 0 1 --parallel 2 --set mixed_precision=no epochs=1 max_steps_per_epoch=2 data.img_size=64
         data.num_workers=1 finetune.probe.epochs=2)

@@ -16,11 +16,17 @@ from portable_json import REPO, portable_json
 
 
 def gpu_name() -> Optional[str]:
-    """The first GPU's name from nvidia-smi: no CUDA context is made here (seconds, and a bench that
-    runs its arms as subprocesses never initialises CUDA itself)."""
+    """The GPU this process computes on: torch's device 0 when CUDA is already up here, else
+    nvidia-smi's first visible GPU (no CUDA context made: a bench that runs its arms as subprocesses
+    never starts CUDA itself)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return torch.cuda.get_device_name(0)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20).stdout.strip()
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader",
+                              *(["-i", visible] if visible else [])],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.splitlines()[0] if out else None
@@ -45,13 +51,25 @@ def versions() -> dict:
     import torchvision
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git: not a checkout
+            return ""
 
-    sha = git("rev-parse", "--short", "HEAD")
-    if sha and git("status", "--porcelain", "--untracked-files=no"):
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    # uncommitted code, not results or prose: rerunning a bench into a committed JSON is not "dirty"
+    if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!*.md"):
         sha += "+dirty"
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "torchvision": torchvision.__version__, "timm": timm.__version__, "dtl": sha}
+
+
+def _cpus() -> int:
+    """The CPUs this process may use (its affinity; all of them where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def result_header(**extra: Any) -> dict:
@@ -60,7 +78,7 @@ def result_header(**extra: Any) -> dict:
 
     machine = {"platform": platform.platform(), "processor": cpu_model(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch picked: AVX2, AVX512
-               "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(), "gpu": gpu_name()}
+               "cpus": _cpus(), "torch_threads": torch.get_num_threads(), "gpu": gpu_name()}
     return {"command": "python " + shlex.join(sys.argv),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine, "versions": versions(), **extra}
