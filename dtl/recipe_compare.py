@@ -33,11 +33,25 @@ METRICS = ("test/acc", "test/macro_f1", "test/balanced_acc", "test_final/acc", "
 
 
 def versions() -> dict:
+    """What a compared or benched number came from: Python, torch (and its CUDA), torchvision, timm
+    and dtl's commit, `+dirty` when its code had uncommitted changes (results and prose do not
+    count: rerunning a bench into a committed JSON is not dirty), `unknown` outside a git checkout."""
     import timm
     import torch
+    import torchvision
 
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__, "dtl": sha}
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git installed
+            return ""
+
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    code_changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!*.md")
+    if sha != "unknown" and code_changed:
+        sha += "+dirty"
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "torchvision": torchvision.__version__, "timm": timm.__version__, "dtl": sha}
 
 
 def run_arm(config: str, arm: str, seed: int, out_root: Path, extra: list[str], full_lr: Optional[float]) -> dict:
