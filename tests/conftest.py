@@ -20,6 +20,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # cores the other worker's processes need (set before torch loads; inherited by subprocesses)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Tests that start several training processes or time signals (torchrun, 2-process accelerate,
+# Slurm, kills): under pytest-xdist they take turns on one worker, so two of them never share the
+# 2 cores their waits are sized for (docs/architecture.md, Tests and benches)
+PROCESSES = pytest.mark.xdist_group("processes")
+
 CLASSES = ["circle", "square", "stripes"]
 
 

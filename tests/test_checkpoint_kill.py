@@ -15,12 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_config, write_config
+from conftest import PROCESSES, REPO, tiny_config, write_config
 from dtl.checkpoints import STATE_FILE, latest_checkpoint, list_checkpoints, recover_partial
 
-# multi-process training (torchrun, accelerate, Slurm, signals): one such test at a time under
-# pytest-xdist, on one worker, so two of them never share the 2 cores and their timing waits
-pytestmark = pytest.mark.xdist_group("processes")
+pytestmark = PROCESSES  # multi-process: one such test at a time (conftest)
 
 
 def _command(config: Path, out: Path) -> list[str]:

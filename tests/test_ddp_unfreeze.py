@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config, write_config
+from conftest import PROCESSES, tiny_config, write_config
 from dtl.backbones import create_classifier
 
-# multi-process training (torchrun, accelerate, Slurm, signals): one such test at a time under
-# pytest-xdist, on one worker, so two of them never share the 2 cores and their timing waits
-pytestmark = pytest.mark.xdist_group("processes")
+pytestmark = PROCESSES  # multi-process: one such test at a time (conftest)
 
 HERE = Path(__file__).parent
 

@@ -12,12 +12,10 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_multi_gpu_env
 
-from conftest import REPO
+from conftest import PROCESSES, REPO
 from dtl.cluster_launch import expand_hostlist
 
-# multi-process training (torchrun, accelerate, Slurm, signals): one such test at a time under
-# pytest-xdist, on one worker, so two of them never share the 2 cores and their timing waits
-pytestmark = pytest.mark.xdist_group("processes")
+pytestmark = PROCESSES  # multi-process: one such test at a time (conftest)
 
 CONFIGS = sorted((REPO / "launch").glob("*.yaml"))
 EXPECTED = {  # file -> (distributed type, processes, mixed precision)

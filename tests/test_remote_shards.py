@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import PROCESSES, tiny_config
 from dtl.run_config import Config
 from dtl.shard_fetch import RetryPolicy, ShardFetchError, read_with_retries
 from dtl.shard_stream import group_members
@@ -112,7 +112,7 @@ def test_shard_cache_reads_the_network_once_and_keeps_to_its_cap(tmp_path, shard
     assert 1 <= len(kept) < len(tars) and sum(p.stat().st_size for p in kept) <= 3.5 * size
 
 
-@pytest.mark.xdist_group("processes")  # torchrun ranks: one multi-process test at a time (docs/architecture.md)
+@PROCESSES  # torchrun ranks: one multi-process test at a time (conftest)
 @pytest.mark.timeout(400)
 def test_two_gloo_ranks_over_a_flaky_server_end_as_from_disk(tmp_path, shard_dir, server):
     """The same under DDP: 2 torchrun processes (gloo), one worker each, against the flaky server."""

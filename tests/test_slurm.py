@@ -20,12 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from dtl.run_config import load_config
-from conftest import REPO, tiny_config, write_config, write_imagefolder
+from conftest import PROCESSES, REPO, tiny_config, write_config, write_imagefolder
 from slurm_cluster import SlurmUnavailable, start_cluster, stop_cluster
 
-# multi-process training (torchrun, accelerate, Slurm, signals): one such test at a time under
-# pytest-xdist, on one worker, so two of them never share the 2 cores and their timing waits
-pytestmark = pytest.mark.xdist_group("processes")
+pytestmark = PROCESSES  # multi-process: one such test at a time (conftest)
 
 POSITION = r"(?:in epoch \d+/\d+ after batch \d+/\d+|after epoch \d+/\d+)"  # the console's stop/resume lines
 

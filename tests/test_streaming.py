@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 import yaml
 
-from conftest import CLASSES, blank_image, encode, make_image, tiny_config
+from conftest import CLASSES, PROCESSES, blank_image, encode, make_image, tiny_config
 from dtl.shard_writer import index_shards
 
 HERE = Path(__file__).parent
@@ -35,7 +35,7 @@ def uneven_shards(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.xdist_group("processes")  # torchrun ranks: one multi-process test at a time (docs/architecture.md)
+@PROCESSES  # torchrun ranks: one multi-process test at a time (conftest)
 @pytest.mark.timeout(300)
 def test_two_ranks_two_workers_equal_steps_exactly_once(uneven_shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
