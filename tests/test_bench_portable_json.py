@@ -54,3 +54,12 @@ def test_every_bench_that_writes_json_builds_its_header_with_the_one_builder():
             continue
         assert "result_header(" in text and "write_result(" in text, path.name
         assert '"versions":' not in text, path.name
+
+
+def test_versions_without_git_say_unknown_instead_of_raising(monkeypatch):
+    """`dtl compare` records versions() after its last run: a machine without git must not lose it."""
+    from dtl.recipe_compare import versions
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    v = versions()
+    assert v["dtl"] == "unknown" and v["torch"] and v["torchvision"] and v["timm"]
