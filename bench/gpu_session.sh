@@ -6,7 +6,8 @@
 # Results land in $OUT: gpu_tests.txt, gpu_throughput.json, elpv_best.json (configs/elpv_best.yaml,
 # 3 seeds, BEST_SET="key=value ..." for overrides), step_time.txt (STEP_TIME=1) and the logs, all
 # within DEADLINE (570 s) of the start. SMOKE=1 runs everything tiny on a CPU to check the script;
-# ONLY=throughput runs section 1 alone (MODELS="..." to choose the models).
+# ONLY=throughput runs section 1 alone (MODELS="..." to choose the models, VARIANTS="workers device
+# device_decode" dtl's data paths: bench/gpu_throughput.py --variants).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 if [ -d .whl ] && [ "${SMOKE:-0}" != 1 ]; then  # SMOKE: this machine's packages
@@ -24,15 +25,17 @@ print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accele
 t0=$(date +%s)
 left() { echo $(( ${DEADLINE:-570} - ($(date +%s) - t0) )); }  # seconds left of the call's budget
 # 0. the GPU-only tests (the side-stream prefetch of the next batch)
-timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_device_batches.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_device_batches.py tests/test_device_augment.py \
+  -k "gpu" 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
 if [ "${SMOKE:-0}" = 1 ]; then
   best=(--seeds 0 1 --parallel 2 --set mixed_precision=no epochs=1 max_steps_per_epoch=2 data.img_size=64
         data.num_workers=1 finetune.probe.epochs=2)
-  tput=(--models tf_efficientnet_lite0 --size 64 --batch 16 --workers 2 --replicas 1 --steps 2)
+  tput=(--models tf_efficientnet_lite0 --size 64 --batch 16 --workers 2 --replicas 1 --steps 2 --variants ${VARIANTS:-workers})
   steps=(--size 64 --batch 8 --steps 2)
 else
   best=(--seeds 0 1 2 --parallel 3)
-  tput=(--models ${MODELS:-tf_efficientnet_lite0 vit_small_patch16_224 resnet50} --size 224 --batch 128 --workers 12)
+  tput=(--models ${MODELS:-tf_efficientnet_lite0 vit_small_patch16_224 resnet50} --size 224 --batch 128 --workers 12
+        --variants ${VARIANTS:-workers})
   steps=(--size 224 --batch 128 --steps 10)
 fi
 # 1. throughput: model-only bound, loader, dtl and timm train.py, three models (JSON written after each)

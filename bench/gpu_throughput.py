@@ -9,9 +9,11 @@ channels_last, AdamW, the same augmentation (random resized crop, horizontal fli
 split's images are re-encoded once as JPEG (quality 95), and its shards are listed `--replicas` times so that an epoch lasts long enough to time; timm gets
 the same images, one file per sample. Rates:
   model-only   the training step on one batch already on the GPU (the bound)
-  loader       dtl's loader alone: decode + augment + collate + pinned batches, no model
-  timm_loader  timm's loader alone (create_loader, as its train.py: persistent workers, prefetcher on a GPU)
+  loader       dtl's loader alone: decode + augment + collate + pinned batches, finished on the GPU, no model
   dtl          `dtl/train.py`, the img/s of its last epoch (the first pays for cuDNN autotuning)
+  ..._device         the same with data.augment_on=device (workers decode, the GPU crops, resizes, flips)
+  ..._device_decode  and data.decode_on=device (workers read bytes and draw crops; nvJPEG decodes)
+  timm_loader  timm's loader alone (create_loader, as its train.py: persistent workers, prefetcher on a GPU)
   timm         timm's train.py (bench/third_party), the average rate of its last epoch's last log line
 Peak GPU memory: model-only from torch, dtl from its epoch record (sys/gpu_peak_mem_gb).
 """
@@ -116,9 +118,11 @@ def model_only(name: str, size: int, batch: int, steps: int, device: str) -> dic
 
 
 def loader_only(cfg_path: Path, min_images: int) -> dict:
-    """dtl's training loader alone (the run's transform, workers, pinned memory), copied to the GPU."""
+    """dtl's training loader alone (the run's transform, workers, pinned memory), copied to the GPU
+    and finished there as training does (normalised; with augment_on=device decoded, cropped, flipped)."""
     from dtl.backbones import create_classifier, preprocessing
     from dtl.data_pipeline import build_data, run_classes
+    from dtl.device_batches import as_input
     from dtl.run_config import load_config
     from dtl.shard_stream import start_worker_server
 
@@ -127,13 +131,13 @@ def loader_only(cfg_path: Path, min_images: int) -> dict:
     classes = run_classes(cfg.data)
     pre = preprocessing(create_classifier(cfg.model.backbone, len(classes)), cfg.data.img_size, cfg.data.crop_pct)
     data = build_data(cfg, pre, classes, 0, 1, None)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rates = []
     for epoch in range(2):  # the first pass pays for starting the workers
         data.train.set_epoch(epoch, skip_batches=0, batch_size=data.batch_size)
         n, t = 0, time.perf_counter()
         for batch in data.loader(data.train):
-            batch["image"].to(dev, non_blocking=True)
+            as_input(batch["image"], dev, True, data.normalize)
             n += len(batch["label"])
         if dev == "cuda":
             torch.cuda.synchronize()
@@ -169,17 +173,22 @@ def timm_loader_only(name: str, folder: Path, args) -> dict:
     return {"img_per_s": rates[-1], "first_pass_img_per_s": rates[0]}
 
 
-def dtl_config(args, name: str, data: Path, out: Path) -> Path:
-    cfg = {"output_dir": str(out / f"dtl-{name}"), "epochs": args.epochs, "seed": 0,
+VARIANTS = {"workers": ("workers", "workers"), "device": ("device", "workers"), "device_decode": ("device", "device")}
+
+
+def dtl_config(args, name: str, data: Path, out: Path, variant: str = "workers") -> Path:
+    tag = name if variant == "workers" else f"{name}-{variant}"
+    augment_on, decode_on = VARIANTS[variant]
+    cfg = {"output_dir": str(out / f"dtl-{tag}"), "epochs": args.epochs, "seed": 0,
            "mixed_precision": "bf16" if torch.cuda.is_available() else "no", "report": False, "resume": "never",
            "log_every_steps": 50,
            "data": {"root": str(data), "img_size": args.size, "batch_size": args.batch, "num_workers": args.workers,
-                    "normalize_on_device": not args.float_batches,
+                    "normalize_on_device": not args.float_batches, "augment_on": augment_on, "decode_on": decode_on,
                     "val_split": None, "test_split": None, "augment": {"hflip": 0.5, "crop_scale": [0.08, 1.0]}},
            "model": {"backbone": name, "pretrained": False, "channels_last": True},
            "finetune": {"stages": [{"epoch": 0, "train": "all"}], "decay": 1.0},
            "optim": {"lr": 1e-4, "warmup_epochs": 0}, "wandb": {"enabled": False}}
-    path = out / f"dtl-{name}.yaml"
+    path = out / f"dtl-{tag}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -247,6 +256,9 @@ def main() -> None:
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--steps", type=int, default=30, help="timed model-only steps")
     p.add_argument("--float-batches", action="store_true", help="dtl with data.normalize_on_device=false")
+    p.add_argument("--variants", nargs="+", default=["workers"], choices=list(VARIANTS),
+                   help="dtl's data paths: workers (PIL in the workers), device (augment_on=device), "
+                        "device_decode (and decode_on=device)")
     p.add_argument("--skip", nargs="*", default=[], choices=["model", "loader", "timm_loader", "dtl", "timm"])
     p.add_argument("--out", default="runs/bench-gpu-throughput")
     p.add_argument("--json")
@@ -263,24 +275,28 @@ def main() -> None:
                            data=json.loads((data / "dataset.json").read_text()).get("source"), models={})
     for name in args.models:
         res = result["models"][name] = {}
-        cfg = dtl_config(args, name, data, out)
+        suffix = {v: "" if v == "workers" else f"_{v}" for v in args.variants}
         if "model" not in args.skip:
             res["model_only"] = model_only(name, args.size, args.batch, args.steps, device)
             torch.cuda.empty_cache() if device == "cuda" else None
         if "loader" not in args.skip:
-            res["loader"] = loader_only(cfg, n - args.workers * args.batch)
+            for v in args.variants:
+                res[f"loader{suffix[v]}"] = loader_only(dtl_config(args, name, data, out, v), n - args.workers * args.batch)
         if "timm_loader" not in args.skip:
             res["timm_loader"] = timm_loader_only(name, out / "imagefolder", args)
         if "dtl" not in args.skip:
-            res["dtl"] = run_dtl(cfg, out / f"dtl-{name}.log")
+            for v in args.variants:
+                cfg = dtl_config(args, name, data, out, v)
+                res[f"dtl{suffix[v]}"] = run_dtl(cfg, cfg.with_suffix(".log"))
         if "timm" not in args.skip:
             res["timm"] = run_timm(args, name, out / "imagefolder", out, out / f"timm-{name}.log")
         bound = res.get("model_only", {}).get("img_per_s")
-        for tool in ("dtl", "timm", "loader", "timm_loader"):
-            if bound and res.get(tool, {}).get("img_per_s"):
+        for tool in [k for k in res if k.split("_")[0] in ("dtl", "timm", "loader") and isinstance(res[k], dict)]:
+            if bound and res[tool].get("img_per_s"):
                 res[tool]["of_model_only"] = res[tool]["img_per_s"] / bound
-        if res.get("dtl", {}).get("img_per_s") and res.get("timm", {}).get("img_per_s"):
-            res["dtl_over_timm"] = res["dtl"]["img_per_s"] / res["timm"]["img_per_s"]
+        for v in args.variants:
+            if res.get(f"dtl{suffix[v]}", {}).get("img_per_s") and res.get("timm", {}).get("img_per_s"):
+                res[f"dtl{suffix[v]}_over_timm"] = res[f"dtl{suffix[v]}"]["img_per_s"] / res["timm"]["img_per_s"]
         print(name, json.dumps({k: ({kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()
                                      if kk not in ("log_tail",)} if isinstance(v, dict) else round(v, 3))
                                 for k, v in res.items()}), flush=True)

@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from dtl.cpu_threads import available_cpus
-from dtl.recipe_compare import versions
-from portable_json import portable_json
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # dtl from this checkout, installed or not
+
+from dtl.cpu_threads import available_cpus  # noqa: E402
+from dtl.recipe_compare import versions  # noqa: E402
+from portable_json import portable_json  # noqa: E402
 
 
 def gpu_name() -> Optional[str]:

@@ -167,7 +167,7 @@ class Data:
     eval_batch_size: int
     num_workers: int
     worker_start: str = "forkserver"
-    normalize: Optional[DeviceNormalize] = None   # for uint8 batches (the training stream's by default)
+    normalize: Optional[DeviceNormalize] = None   # finishes training batches on the device (uint8, or encoded)
     final_size: int = 224                          # validation, test and the probe; training's last epochs
     ramp: Optional[ProgressiveResizeConfig] = None  # progressive resizing of the training images
     train_transform: Optional[Callable[[int], Callable]] = None  # size -> the training transform at that size
@@ -227,6 +227,11 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
     check_ramp_bounds(d.progressive_resize, size)  # also for callers without a model (lr-find)
 
     def train_transform(at: int) -> Callable:
+        if d.augment_on == "device":  # the workers draw the crop; DeviceAugment applies it
+            from dtl.device_augment import CropDraw
+
+            a = d.augment
+            return CropDraw(at, a.crop_scale, a.crop_ratio, a.hflip, a.vflip, a.rot90, d.decode_on == "device")
         return build_transform({**pre, "input_size": (pre["input_size"][0], at, at)}, True, d.augment,
                                uint8=d.normalize_on_device)
 
@@ -250,10 +255,20 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
 
     data = Data(classes, stream(d.train_split, True), stream(d.val_split, False), stream(d.test_split, False),
                 d.batch_size, d.eval_batch_size or d.batch_size, d.num_workers, d.worker_start,
-                DeviceNormalize(pre["mean"], pre["std"]), size, d.progressive_resize, train_transform)
+                finishing(d.augment_on)(pre["mean"], pre["std"]), size, d.progressive_resize, train_transform)
     if rank == 0:
         warn_dropped_samples(data.train, d.batch_size, world_size)
     return data
+
+
+def finishing(augment_on: str) -> type:
+    """What finishes a training batch on the device: normalisation, or (augment_on=device) decode,
+    crop, resize, flips and normalisation."""
+    if augment_on == "device":
+        from dtl.device_augment import DeviceAugment
+
+        return DeviceAugment
+    return DeviceNormalize
 
 
 def dropped_per_epoch(total: int, slots: int, batch_size: int, workers: int) -> int:

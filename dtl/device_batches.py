@@ -12,12 +12,18 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from dtl.data_pipeline import DeviceNormalize
+from dtl.device_augment import DeviceAugment, EncodedImages
 
 
 def as_input(x: torch.Tensor, device: torch.device, channels_last: bool,
              normalize: Optional[DeviceNormalize] = None) -> torch.Tensor:
     """An image batch on the device, channels-last when the model is (a copy inside every conv otherwise);
-    a uint8 batch is copied as uint8 and normalised there."""
+    a uint8 batch is copied as uint8 and normalised there; an encoded one (data.augment_on=device) is
+    decoded, cropped, resized and flipped there too."""
+    if isinstance(x, EncodedImages):
+        if not isinstance(normalize, DeviceAugment):
+            raise ValueError("an encoded image batch needs DeviceAugment (Data.normalize) to finish it")
+        return normalize.finish(x, device, channels_last)
     if x.dtype == torch.uint8:
         if normalize is None:
             raise ValueError("a uint8 image batch needs its normalisation (Data.normalize)")

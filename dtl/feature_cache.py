@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtl.backbones import head_name
+from dtl.device_augment import EncodedImages
 from dtl.device_batches import as_input
 from dtl.shard_stream import ShardStream, iter_tar_samples
 
@@ -141,7 +142,9 @@ class FrozenFeatureCache:
         pending: list[tuple[torch.Tensor, str]] = []
 
         def flush() -> None:
-            feats = head_inputs(self.run, torch.stack([x for x, _ in pending])).cpu()
+            images = [x for x, _ in pending]
+            batch = EncodedImages.pack(images) if isinstance(images[0], tuple) else torch.stack(images)
+            feats = head_inputs(self.run, batch).cpu()
             vc.rows.update({k: row for (_, k), row in zip(pending, feats)})
             pending.clear()
 

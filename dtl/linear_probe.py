@@ -81,6 +81,8 @@ def cache_identity(run) -> str:
              "uint8": cfg.data.normalize_on_device,
              "splits": src, "seed": cfg.seed, "views": cfg.finetune.probe.augmented_views, "label": cfg.data.label_field,
              "world": run.accelerator.num_processes, "format": 1}
+    if cfg.data.augment_on != "workers":  # other pixels in the frozen stages' views (unchanged key otherwise)
+        ident["augment_on"], ident["decode_on"] = cfg.data.augment_on, cfg.data.decode_on
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -92,6 +92,15 @@ class DataConfig(_Strict):
         True, description="training images travel as uint8 and are normalised on the device, as timm's CUDA "
                           "prefetcher does: a quarter of the bytes to collate, pin and copy (off: float32 from the "
                           "workers; random erasing always uses float32)")
+    augment_on: Literal["workers", "device"] = Field(
+        "workers", description="where training images are cropped, resized and flipped: in the loader workers (PIL, "
+                               "timm's transforms, bicubic) or, batched, on the device (bilinear, antialiased when "
+                               "shrinking): workers then only read samples and draw each crop, so a GPU that the CPUs "
+                               "cannot keep fed trains faster. Takes augment.hflip/vflip/rot90/crop_scale/crop_ratio "
+                               "(and mixup/cutmix, as always), not the other augment keys")
+    decode_on: Literal["workers", "device"] = Field(
+        "workers", description="with augment_on=device: where training JPEGs are decoded; device: nvJPEG on a GPU, "
+                               "one batched call (other formats are always decoded in the workers)")
     shuffle_buffer: int = Field(1000, ge=0, description="samples mixed in each worker's shuffle buffer")
     on_error: Literal["error", "skip"] = Field("error", description="bad sample or shard: stop naming it, or skip and log it")
     max_errors: int = Field(10, ge=0, description="with on_error=skip, stop after this many bad samples")
@@ -115,6 +124,20 @@ class DataConfig(_Strict):
         "train the first epochs on smaller images, growing to img_size (fastai, FFCV): cheaper early "
         "epochs, full-size late ones; unset: every epoch at img_size"))
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _device_augment_fits(self) -> "DataConfig":
+        if self.decode_on == "device" and self.augment_on != "device":
+            raise ValueError("data.decode_on=device needs data.augment_on=device (the workers draw each crop, "
+                             "the device applies it after the decode)")
+        if self.augment_on == "device":
+            aug = self.augment
+            cpu_only = [k for k in ("color_jitter", "auto_augment", "random_erasing", "rotate", "translate", "shear",
+                                    "zoom") if getattr(aug, k)]
+            if cpu_only:
+                raise ValueError(f"data.augment_on=device crops, resizes and flips only; "
+                                 f"{', '.join('data.augment.' + k for k in cpu_only)} need(s) data.augment_on=workers")
+        return self
 
 
 class HeadConfig(_Strict):

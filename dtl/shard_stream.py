@@ -357,7 +357,10 @@ class ShardStream(IterableDataset):
             label = read_label(sample, self.opt.label_field, len(self.opt.classes), self.opt.classes)
             if self.opt.keys_only:
                 return torch.zeros(0), label, key
-            img = decode_image(sample, self.opt.draft_size)
+            if getattr(self.transform, "encoded", False):  # data.augment_on=device: bytes or uint8, crop drawn below
+                img = self.transform.open(sample, self.opt.draft_size)
+            else:
+                img = decode_image(sample, self.opt.draft_size)
         except Exception as e:
             self._bad(url, key, f"{type(e).__name__}: {e}")
             return None
@@ -407,7 +410,13 @@ class ShardStream(IterableDataset):
                           f"with samples from later in the epoch")
 
 
-def _collate(batch: list[tuple[torch.Tensor, int, str]]) -> dict:
+def _collate(batch: list[tuple[Any, int, str]]) -> dict:
+    if isinstance(batch[0][0], tuple):  # data.augment_on=device: (payload, crop) per image, finished on the device
+        from dtl.device_augment import EncodedImages
+
+        keys = [k for _, _, k in batch]
+        return {"image": EncodedImages.pack([x for x, _, _ in batch], keys),
+                "label": torch.tensor([y for _, y, _ in batch]), "key": keys}
     # default_collate stacks straight into shared memory inside a worker: one copy fewer per batch.
     images, labels, keys = default_collate(batch)
     return {"image": images, "label": labels, "key": keys}
