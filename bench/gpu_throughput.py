@@ -10,11 +10,13 @@ split's images are re-encoded once as JPEG (quality 95), and its shards are list
 the same images, one file per sample. Rates:
   model-only   the training step on one batch already on the GPU (the bound)
   loader       dtl's loader alone: decode + augment + collate + pinned batches, finished on the GPU, no model
-  dtl          `dtl/train.py`, the img/s of its last epoch (the first pays for cuDNN autotuning)
+  dtl          `dtl/train.py`, the img/s of its last epoch (the first pays for cuDNN autotuning), and
+               steady_img_per_s: between its last epoch's first and last step records (no start-up)
   ..._device         the same with data.augment_on=device (workers decode, the GPU crops, resizes, flips)
   ..._device_decode  and data.decode_on=device (workers read bytes and draw crops; nvJPEG decodes)
   timm_loader  timm's loader alone (create_loader, as its train.py: persistent workers, prefetcher on a GPU)
-  timm         timm's train.py (bench/third_party), the average rate of its last epoch's last log line
+  timm         timm's train.py (bench/third_party), the average rate of its last epoch's last log line, and
+               steady_img_per_s: the median one-step rate of that epoch's log lines (the first left out)
 Peak GPU memory: model-only from torch, dtl from its epoch record (sys/gpu_peak_mem_gb).
 """
 from __future__ import annotations
@@ -203,7 +205,12 @@ def run_dtl(cfg_path: Path, log: Path) -> dict:
         return {"rc": r.returncode, "log_tail": log.read_text()[-1500:]}
     out = Path(yaml.safe_load(cfg_path.read_text())["output_dir"])
     epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train/img_per_s"' in x]
-    return {"rc": 0, "wall_s": wall, "img_per_s": epochs[-1]["train/img_per_s"],
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train/loss_step"' in x]
+    steps = [r for r in steps if r["epoch"] == epochs[-1]["epoch"] - 1]  # the last epoch's step records
+    batch = yaml.safe_load(cfg_path.read_text())["data"]["batch_size"]
+    steady = (batch * (steps[-1]["step"] - steps[0]["step"]) / (steps[-1]["time"] - steps[0]["time"])
+              if len(steps) > 1 else None)
+    return {"rc": 0, "wall_s": wall, "img_per_s": epochs[-1]["train/img_per_s"], "steady_img_per_s": steady,
             "img_per_s_per_epoch": [e["train/img_per_s"] for e in epochs],
             "first_batch_s_per_epoch": [e.get("train/first_batch_s") for e in epochs],
             "gpu_peak_mem_gb": epochs[-1].get("sys/gpu_peak_mem_gb"),
@@ -235,13 +242,16 @@ def run_timm(args, name: str, folder: Path, out: Path, log: Path) -> dict:
     proc.wait()
     wall = time.time() - t
     log.write_text("".join(lines))
-    rates = {}
+    rates, instant = {}, []
     for line in lines:
         if m := re.match(r"Train: (\d+) \[.*\(\s*[\d.]+s,\s*([\d.]+)/s\)", line):
             rates[int(m.group(1))] = float(m.group(2))  # the epoch's last line carries its average
+            if int(m.group(1)) == last_epoch and (r := re.search(r"s,\s*([\d.]+)/s\s+\(", line)):
+                instant.append(float(r.group(1)))  # one step's rate at each log line (timm syncs there)
     if last_epoch not in rates:
         return {"rc": proc.returncode, "log_tail": "".join(lines)[-1500:]}
-    return {"rc": 0, "wall_s_to_last_train_line": wall, "img_per_s": rates[last_epoch],
+    steady = sorted(instant[1:])[len(instant[1:]) // 2] if len(instant) > 2 else None  # median, first line left out
+    return {"rc": 0, "wall_s_to_last_train_line": wall, "img_per_s": rates[last_epoch], "steady_img_per_s": steady,
             "img_per_s_per_epoch": [rates[e] for e in sorted(rates)]}
 
 
@@ -300,6 +310,9 @@ def main() -> None:
         print(name, json.dumps({k: ({kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()
                                      if kk not in ("log_tail",)} if isinstance(v, dict) else round(v, 3))
                                 for k, v in res.items()}), flush=True)
+        for tool in [k for k in res if isinstance(res[k], dict) and res[k].get("steady_img_per_s")]:
+            if bound:
+                res[tool]["steady_of_model_only"] = res[tool]["steady_img_per_s"] / bound
         if args.json:  # after every model: a run cut short keeps what it measured
             write_result(args.json, result)
 

@@ -95,4 +95,9 @@ def test_on_a_gpu_nvjpeg_and_roi_align_match_the_cpu(shard_dir):
     on_cpu = aug.finish(encoded, torch.device("cpu"), channels_last=False)
     on_gpu = aug.finish(encoded.pin_memory(), torch.device("cuda"), channels_last=True)
     assert on_gpu.is_contiguous(memory_format=torch.channels_last) and not aug._gpu_decode_failed
-    assert _per_image_error(on_cpu, on_gpu.cpu()).max() < 2.0  # nvJPEG's IDCT vs libjpeg-turbo's
+    err = _per_image_error(on_cpu, on_gpu.cpu())
+    jpeg = encoded.meta[:, KIND] == JPEG
+    assert err[~jpeg].max() < 1e-3  # the same uint8 pixels: roi_align and flips agree across devices
+    # nvJPEG and libjpeg-turbo upsample chroma differently: on these 40 px saturated shapes up to
+    # 5.2 grey levels per image (measured on an H100); a wrong box or flip costs far more
+    assert err[jpeg].max() < 8.0 and err[jpeg].mean() < 5.0, err
