@@ -141,7 +141,7 @@ def loader_only(cfg_path: Path, min_images: int) -> dict:
         for batch in data.loader(data.train):
             as_input(batch["image"], dev, True, data.normalize)
             n += len(batch["label"])
-        if dev == "cuda":
+        if dev.type == "cuda":
             torch.cuda.synchronize()
         rates.append(n / (time.perf_counter() - t))
         assert n >= min_images, (n, min_images)
@@ -307,12 +307,12 @@ def main() -> None:
         for v in args.variants:
             if res.get(f"dtl{suffix[v]}", {}).get("img_per_s") and res.get("timm", {}).get("img_per_s"):
                 res[f"dtl{suffix[v]}_over_timm"] = res[f"dtl{suffix[v]}"]["img_per_s"] / res["timm"]["img_per_s"]
-        print(name, json.dumps({k: ({kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()
-                                     if kk not in ("log_tail",)} if isinstance(v, dict) else round(v, 3))
-                                for k, v in res.items()}), flush=True)
         for tool in [k for k in res if isinstance(res[k], dict) and res[k].get("steady_img_per_s")]:
             if bound:
                 res[tool]["steady_of_model_only"] = res[tool]["steady_img_per_s"] / bound
+        print(name, json.dumps({k: ({kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()
+                                     if kk not in ("log_tail",)} if isinstance(v, dict) else round(v, 3))
+                                for k, v in res.items()}), flush=True)
         if args.json:  # after every model: a run cut short keeps what it measured
             write_result(args.json, result)
 

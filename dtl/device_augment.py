@@ -13,9 +13,11 @@ ceil(crop / size)^2 points per output pixel when shrinking: antialiased), flips 
 
 A batch travels as `EncodedImages`: every image's bytes in one flat uint8 tensor, plus one row of
 metadata per image (offset, length, kind, size, crop box, output size, flips), so a worker sends
-two tensors per batch, not one per image. Undecodable JPEGs the workers cannot see (a JPEG's header
-and end marker are checked there) fail the batch's GPU decode; each image is then decoded on the CPU
-to name the bad sample.
+two tensors per batch, not one per image. The workers open each JPEG's header and check its end
+marker (a file cut short, or with data after its end, is decoded there by PIL, under `on_error` as
+ever); a JPEG whose scan is corrupt is found only on the device: its batch is decoded image by
+image, on the CPU where nvJPEG refuses, and one the CPU cannot decode either stops the run naming
+its key (`decode_on=workers` with `on_error=skip` skips such samples instead).
 """
 from __future__ import annotations
 
@@ -67,18 +69,20 @@ class OpenedImage:
 
 
 def open_image(sample: dict, decode_on_device: bool, draft_size: Optional[int] = None) -> OpenedImage:
-    """The sample's image, to send as JPEG bytes (`decode_on_device`, a baseline or progressive JPEG
-    in L or RGB with its end marker) or decoded here to uint8 RGB (anything else PIL opens). Raises on
-    a missing field or an image PIL cannot read, for the stream's `on_error`."""
+    """The sample's image, to send as JPEG bytes or decoded here to uint8 RGB. Bytes: with
+    `decode_on_device`, a JPEG in L or RGB that ends with its end-of-image marker and that PIL's draft
+    would not shrink (under twice `draft_size` on a side). Decoded here: anything else PIL opens, a
+    large JPEG at the draft's reduced scale (as the CPU path decodes it: the same boxes, a bounded
+    batch on the device), a JPEG with data after its end (motion photos) or cut short (PIL names it).
+    Raises on a missing field or an image PIL cannot read, for the stream's `on_error`."""
     name = next((n for n in IMAGE_EXTENSIONS if n in sample), None)
     if name is None:
         raise ValueError(f"no image field (expected one of {IMAGE_EXTENSIONS}; fields: "
                          f"{sorted(k for k in sample if not k.startswith('__'))})")
     data = sample[name]
     img = Image.open(io.BytesIO(data))  # the header only
-    if decode_on_device and img.format == "JPEG" and img.mode in ("L", "RGB"):
-        if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-            raise ValueError("truncated JPEG (no end-of-image marker)")
+    if decode_on_device and img.format == "JPEG" and img.mode in ("L", "RGB") \
+            and not (draft_size and min(img.size) >= 2 * draft_size) and data.rstrip(b"\0").endswith(b"\xff\xd9"):
         return OpenedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), JPEG, *img.size)
     if draft_size and img.format == "JPEG":
         img.draft("RGB", (draft_size, draft_size))
@@ -133,9 +137,10 @@ class DeviceAugment(DeviceNormalize):
     """The device's half: decode, crop + resize, flip and normalise an `EncodedImages` batch where the
     model is. Also normalises plain uint8 batches (evaluation's), as `DeviceNormalize`."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], chunk_bytes: int = 1 << 30):
         super().__init__(mean, std)
-        self._gpu_decode_failed = False
+        self.chunk_bytes = chunk_bytes   # float32 images converted at once: bounds the device memory for large ones
+        self._decode_streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def images(self, batch: EncodedImages, device: torch.device) -> list[torch.Tensor]:
         """Each image of the batch as CHW uint8 RGB on `device`, quarter turns applied."""
@@ -164,22 +169,47 @@ class DeviceAugment(DeviceNormalize):
         from torchvision.io import ImageReadMode, decode_jpeg
 
         views = [batch.data[r[OFFSET]:r[OFFSET] + r[NBYTES]] for r in rows]
-        if device.type == "cuda" and not self._gpu_decode_failed:
+        if device.type == "cuda":
             try:
-                return decode_jpeg(views, mode=ImageReadMode.UNCHANGED, device=device)
-            except RuntimeError as e:  # one image nvJPEG cannot take fails the batch: find it on the CPU
-                self._gpu_decode_failed = True
-                warnings.warn(f"nvJPEG failed on a batch ({str(e).splitlines()[0][:120]}); decoding JPEGs on the "
-                              f"CPU for the rest of the run")
+                return self._nvjpeg(views, device)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # an image nvJPEG cannot take fails the whole batch: this batch one by one
+                warnings.warn(f"nvJPEG failed on a batch ({str(e).splitlines()[0][:120]}); decoding it image by image")
         out = []
         for v, i in zip(views, index):
             try:
+                if device.type == "cuda":
+                    try:
+                        out.append(self._nvjpeg([v], device)[0])
+                        continue
+                    except torch.OutOfMemoryError:
+                        raise
+                    except RuntimeError:
+                        pass  # this one on the CPU
                 out.append(decode_jpeg(v, mode=ImageReadMode.UNCHANGED).to(device, non_blocking=True))
             except RuntimeError as e:
                 key = batch.keys[i] if i < len(batch.keys) else f"#{i}"
-                raise DataError(f"sample {key}: undecodable JPEG ({str(e).splitlines()[0][:120]}); "
-                                f"data.decode_on=workers skips such samples under data.on_error=skip") from None
+                raise DataError(f"sample {key}: undecodable JPEG ({str(e).splitlines()[0][:120]}); with "
+                                f"data.decode_on=workers, data.on_error=skip would skip it") from None
         return out
+
+    def _nvjpeg(self, views: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """Batched nvJPEG on a stream of its own. torchvision allocates the outputs on the caller's
+        stream and writes them on nvJPEG's, which waits for nothing: on the caller's stream (the side
+        stream, still cropping the batch before) a freed block would be handed straight back and
+        overwritten under the pending crop. From a stream of their own, with `record_stream` on the
+        caller's, the blocks come back only once the caller's work on them is done."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        caller = torch.cuda.current_stream(device)
+        stream = self._decode_streams.setdefault(device, torch.cuda.Stream(device))
+        with torch.cuda.stream(stream):
+            imgs = decode_jpeg(views, mode=ImageReadMode.UNCHANGED, device=device)
+        caller.wait_stream(stream)
+        for img in imgs:
+            img.record_stream(caller)
+        return imgs
 
     def finish(self, batch: EncodedImages, device: torch.device, channels_last: bool) -> torch.Tensor:
         """The batch as the model's normalised float input, (N, 3, size, size)."""
@@ -193,13 +223,15 @@ class DeviceAugment(DeviceNormalize):
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(imgs):
             by_shape.setdefault(tuple(img.shape[1:]), []).append(i)
-        for idx in by_shape.values():  # one call per image size: the boxes never see another image's padding
-            stack = torch.stack([imgs[i] for i in idx]).float()
-            m = meta[idx]
-            top, left = m[:, TOP].float(), m[:, LEFT].float()
-            boxes = torch.stack([torch.arange(len(idx), device=device, dtype=torch.float), left, top,
-                                 left + m[:, CROP_W].float(), top + m[:, CROP_H].float()], 1)
-            out[idx] = roi_align(stack, boxes, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        for (h, w), same in by_shape.items():  # one call per image size: boxes never see another image's padding
+            per = max(1, self.chunk_bytes // (3 * h * w * 4))
+            for idx in (same[i:i + per] for i in range(0, len(same), per)):
+                stack = torch.stack([imgs[i] for i in idx]).float()
+                m = meta[idx]
+                top, left = m[:, TOP].float(), m[:, LEFT].float()
+                boxes = torch.stack([torch.arange(len(idx), device=device, dtype=torch.float), left, top,
+                                     left + m[:, CROP_W].float(), top + m[:, CROP_H].float()], 1)
+                out[idx] = roi_align(stack, boxes, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         flags = meta[:, FLAGS]
         out = torch.where((flags & HFLIP).bool().view(-1, 1, 1, 1), out.flip(3), out)
         out = torch.where((flags & VFLIP).bool().view(-1, 1, 1, 1), out.flip(2), out)

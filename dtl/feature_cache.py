@@ -143,7 +143,8 @@ class FrozenFeatureCache:
 
         def flush() -> None:
             images = [x for x, _ in pending]
-            batch = EncodedImages.pack(images) if isinstance(images[0], tuple) else torch.stack(images)
+            batch = (EncodedImages.pack(images, [k for _, k in pending]) if isinstance(images[0], tuple)
+                     else torch.stack(images))
             feats = head_inputs(self.run, batch).cpu()
             vc.rows.update({k: row for (_, k), row in zip(pending, feats)})
             pending.clear()
