@@ -67,6 +67,9 @@ class PreemptionHandler:
                 print(f"dtl: job {job} got SIGTERM while {state or 'in an unknown state'}: not requeued "
                       f"(the checkpoint is there; submit again to continue)", file=sys.stderr, flush=True)
                 return
+        # said first: once the requeue takes effect Slurm ends the job's processes, this one too,
+        # and a line printed after `scontrol` returns can be lost (seen in the Slurm test)
+        print(f"dtl: job {job}: checkpoint written, asking Slurm to requeue it", file=sys.stderr, flush=True)
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         msg = "requeued" if result.returncode == 0 else f"requeue failed: {result.stderr.strip()}"
         print(f"dtl: job {job} {msg}", file=sys.stderr, flush=True)

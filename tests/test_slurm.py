@@ -128,7 +128,9 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm, 
     assert "batch shell got SIGUSR1" in text
     # where the signal lands: inside an epoch or in its validation / end-of-epoch checkpoint
     assert re.search(rf"stopped {POSITION}, step \d+: checkpoint written", text), text[-3000:]
-    assert f"job {job} requeued" in text
+    # the requeue itself: asked for, and the job ran again (`... requeued`, printed after scontrol
+    # returns, can be lost when Slurm ends the process first)
+    assert f"job {job}: checkpoint written, asking Slurm to requeue it" in text
     assert "restart 1 on" in text
     resumed_step = int(re.search(rf"resumed from \S+: {POSITION}, step (\d+)", text).group(1))
     assert 20 <= resumed_step < total  # it really stopped in the middle
