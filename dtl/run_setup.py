@@ -9,6 +9,7 @@ import json
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -146,6 +147,10 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     data = build_data(cfg, pre, classes, accelerator.process_index, accelerator.num_processes,
                       error_log=str(out / f"bad_samples.rank{accelerator.process_index}.jsonl"),
                       retry_log=str(out / f"shard_retries.rank{accelerator.process_index}.jsonl"))
+    if cfg.data.augment_on == "device" and accelerator.device.type != "cuda" and accelerator.is_main_process:
+        warnings.warn(f"data.augment_on=device on a {accelerator.device.type} run: the crops (and with "
+                      f"decode_on=device the decoding) move from the loader workers into the training "
+                      f"process, which only pays on a GPU", stacklevel=2)
     steps_per_epoch = _steps_per_epoch(cfg, data)
     strategy = ParallelStrategy(accelerator, cfg.finetune.ddp_rewrap)
     state.stage = plan.stage_at(state.epoch).index

@@ -86,7 +86,8 @@ def test_a_run_trains_with_device_augmentation_and_the_frozen_stage_cache(tmp_pa
                                           "data.num_workers": 2, "data.augment.rot90": 0.5,
                                           "finetune.stages": [{"epoch": 0, "train": 1}, {"epoch": 2, "train": "all"}],
                                           "finetune.cache_views": 2}))
-    result = train(cfg)
+    with pytest.warns(UserWarning, match="data.augment_on=device on a cpu run"):
+        result = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if "train/acc" in r]
     assert len(epochs) == 4 and result.summary["steps"] > 0
