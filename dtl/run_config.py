@@ -95,12 +95,13 @@ class DataConfig(_Strict):
     augment_on: Literal["workers", "device"] = Field(
         "workers", description="where training images are cropped, resized and flipped: in the loader workers (PIL, "
                                "timm's transforms, bicubic) or, batched, on the device (bilinear, antialiased when "
-                               "shrinking): workers then only read samples and draw each crop, so a GPU that the CPUs "
-                               "cannot keep fed trains faster. Takes augment.hflip/vflip/rot90/crop_scale/crop_ratio "
+                               "shrinking): workers then only read samples and draw each crop, for a GPU its CPUs "
+                               "cannot keep fed (README: when it pays). Takes augment.hflip/vflip/rot90/crop_scale/crop_ratio "
                                "(and mixup/cutmix, as always), not the other augment keys")
     decode_on: Literal["workers", "device"] = Field(
         "workers", description="with augment_on=device: where training JPEGs are decoded; device: nvJPEG on a GPU, "
-                               "one batched call (other formats are always decoded in the workers)")
+                               "one batched call (other formats, JPEGs with data after their end, and JPEGs at "
+                               "least twice img_size, which PIL decodes at reduced scale, stay in the workers)")
     shuffle_buffer: int = Field(1000, ge=0, description="samples mixed in each worker's shuffle buffer")
     on_error: Literal["error", "skip"] = Field("error", description="bad sample or shard: stop naming it, or skip and log it")
     max_errors: int = Field(10, ge=0, description="with on_error=skip, stop after this many bad samples")
