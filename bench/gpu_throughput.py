@@ -204,9 +204,9 @@ def run_dtl(cfg_path: Path, log: Path) -> dict:
     if r.returncode:
         return {"rc": r.returncode, "log_tail": log.read_text()[-1500:]}
     out = Path(yaml.safe_load(cfg_path.read_text())["output_dir"])
-    epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train/img_per_s"' in x]
-    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train/loss_step"' in x]
-    steps = [r for r in steps if r["epoch"] == epochs[-1]["epoch"] - 1]  # the last epoch's step records
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "train/img_per_s" in r]
+    steps = [r for r in records if "train/loss_step" in r and r["epoch"] == epochs[-1]["epoch"] - 1]  # its last epoch's
     batch = yaml.safe_load(cfg_path.read_text())["data"]["batch_size"]
     steady = (batch * (steps[-1]["step"] - steps[0]["step"]) / (steps[-1]["time"] - steps[0]["time"])
               if len(steps) > 1 else None)

@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from dtl.data_pipeline import DeviceNormalize
-from dtl.dataset_index import IMAGE_EXTENSIONS, DataError
+from dtl.dataset_index import DataError
+from dtl.shard_stream import image_bytes, load_rgb
 
 JPEG, RAW = 0, 1            # how an image travels: encoded JPEG bytes, or decoded uint8 HWC RGB
 HFLIP, VFLIP, ROT90 = 1, 2, 4
@@ -75,21 +76,12 @@ def open_image(sample: dict, decode_on_device: bool, draft_size: Optional[int] =
     large JPEG at the draft's reduced scale (as the CPU path decodes it: the same boxes, a bounded
     batch on the device), a JPEG with data after its end (motion photos) or cut short (PIL names it).
     Raises on a missing field or an image PIL cannot read, for the stream's `on_error`."""
-    name = next((n for n in IMAGE_EXTENSIONS if n in sample), None)
-    if name is None:
-        raise ValueError(f"no image field (expected one of {IMAGE_EXTENSIONS}; fields: "
-                         f"{sorted(k for k in sample if not k.startswith('__'))})")
-    data = sample[name]
+    data = image_bytes(sample)
     img = Image.open(io.BytesIO(data))  # the header only
     if decode_on_device and img.format == "JPEG" and img.mode in ("L", "RGB") \
             and not (draft_size and min(img.size) >= 2 * draft_size) and data.rstrip(b"\0").endswith(b"\xff\xd9"):
         return OpenedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), JPEG, *img.size)
-    if draft_size and img.format == "JPEG":
-        img.draft("RGB", (draft_size, draft_size))
-    img.load()
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    img = img.convert("RGB") if img.mode != "RGB" else img
+    img = load_rgb(img, draft_size)  # as the CPU path decodes it
     return OpenedImage(torch.from_numpy(np.asarray(img).copy()), RAW, *img.size)
 
 
@@ -142,9 +134,8 @@ class DeviceAugment(DeviceNormalize):
         self.chunk_bytes = chunk_bytes   # float32 images converted at once: bounds the device memory for large ones
         self._decode_streams: dict[torch.device, torch.cuda.Stream] = {}
 
-    def images(self, batch: EncodedImages, device: torch.device) -> list[torch.Tensor]:
-        """Each image of the batch as CHW uint8 RGB on `device`, quarter turns applied."""
-        rows = batch.meta.tolist()
+    def images(self, batch: EncodedImages, rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+        """Each image of the batch (`rows`: its meta as lists) as CHW uint8 RGB on `device`, quarter turns applied."""
         out: list[Optional[torch.Tensor]] = [None] * len(rows)
         jpegs = [i for i, r in enumerate(rows) if r[KIND] == JPEG]
         if jpegs:
@@ -178,21 +169,25 @@ class DeviceAugment(DeviceNormalize):
                 warnings.warn(f"nvJPEG failed on a batch ({str(e).splitlines()[0][:120]}); decoding it image by image")
         out = []
         for v, i in zip(views, index):
-            try:
-                if device.type == "cuda":
-                    try:
-                        out.append(self._nvjpeg([v], device)[0])
-                        continue
-                    except torch.OutOfMemoryError:
-                        raise
-                    except RuntimeError:
-                        pass  # this one on the CPU
-                out.append(decode_jpeg(v, mode=ImageReadMode.UNCHANGED).to(device, non_blocking=True))
-            except RuntimeError as e:
-                key = batch.keys[i] if i < len(batch.keys) else f"#{i}"
-                raise DataError(f"sample {key}: undecodable JPEG ({str(e).splitlines()[0][:120]}); with "
-                                f"data.decode_on=workers, data.on_error=skip would skip it") from None
+            img = self._nvjpeg_or_none(v, device) if device.type == "cuda" else None
+            if img is None:  # on the CPU
+                try:
+                    img = decode_jpeg(v, mode=ImageReadMode.UNCHANGED).to(device, non_blocking=True)
+                except RuntimeError as e:
+                    key = batch.keys[i] if i < len(batch.keys) else f"#{i}"
+                    raise DataError(f"sample {key}: undecodable JPEG ({str(e).splitlines()[0][:120]}); with "
+                                    f"data.decode_on=workers, data.on_error=skip would skip it") from None
+            out.append(img)
         return out
+
+    def _nvjpeg_or_none(self, view: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        """One image through nvJPEG; None where nvJPEG refuses it (out of memory is no data error)."""
+        try:
+            return self._nvjpeg([view], device)[0]
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            return None
 
     def _nvjpeg(self, views: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         """Batched nvJPEG on a stream of its own. torchvision allocates the outputs on the caller's
@@ -215,9 +210,9 @@ class DeviceAugment(DeviceNormalize):
         """The batch as the model's normalised float input, (N, 3, size, size)."""
         from torchvision.ops import roi_align
 
-        imgs = self.images(batch, device)
-        meta = batch.meta.to(device, non_blocking=True)
         rows = batch.meta.tolist()
+        imgs = self.images(batch, rows, device)
+        meta = batch.meta.to(device, non_blocking=True)
         size = rows[0][SIZE]
         out = torch.empty(len(rows), 3, size, size, device=device)
         by_shape: dict[tuple[int, int], list[int]] = {}

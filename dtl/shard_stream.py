@@ -106,15 +106,22 @@ def read_label(sample: dict, label_field: str, num_classes: int, classes: Option
     return label
 
 
-def decode_image(sample: dict, draft_size: Optional[int] = None) -> Image.Image:
-    """The image field as RGB. JPEGs decode at reduced scale (PIL draft) when the target is small."""
+def image_bytes(sample: dict) -> bytes:
+    """The sample's encoded image (its first image field)."""
     for name in IMAGE_FIELDS:
         if name in sample:
-            break
-    else:
-        raise ValueError(f"no image field (expected one of {IMAGE_FIELDS}; fields: "
-                         f"{sorted(k for k in sample if not k.startswith('__'))})")
-    img = Image.open(io.BytesIO(sample[name]))
+            return sample[name]
+    raise ValueError(f"no image field (expected one of {IMAGE_FIELDS}; fields: "
+                     f"{sorted(k for k in sample if not k.startswith('__'))})")
+
+
+def decode_image(sample: dict, draft_size: Optional[int] = None) -> Image.Image:
+    """The image field as RGB. JPEGs decode at reduced scale (PIL draft) when the target is small."""
+    return load_rgb(Image.open(io.BytesIO(image_bytes(sample))), draft_size)
+
+
+def load_rgb(img: Image.Image, draft_size: Optional[int] = None) -> Image.Image:
+    """An opened (header-only) image decoded as RGB, a JPEG at PIL's draft scale for `draft_size`."""
     if draft_size and img.format == "JPEG":
         img.draft("RGB", (draft_size, draft_size))
     img.load()
