@@ -9,6 +9,22 @@ from typing import Optional
 
 from dtl.user_errors import DtlError, print_error
 
+def _positive(text: str) -> int:
+    """argparse type: an integer of at least 1 (a batch size, k, a step count)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer of at least 0 (worker processes)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 0")
+    return value
+
+
 EPILOG = "Exit codes: 0 done; 2 a problem with the input, named in one line; anything else is a bug in dtl."
 
 
@@ -56,13 +72,21 @@ def _predict(args: argparse.Namespace) -> int:
 
     from dtl.predict import predict_files
 
+    from pathlib import Path
+
+    from dtl.user_errors import DtlError
+
+    if args.csv and (Path(args.csv).is_dir() or not Path(args.csv).parent.is_dir()):
+        raise DtlError(f"--csv {args.csv}: {'a folder' if Path(args.csv).is_dir() else 'its folder does not exist'}; "
+                       f"give a file path in an existing folder")
+    results = predict_files(args.weights, args.images, args.top_k, args.batch_size, args.device, args.tta)
     failed = total = 0
     sink = open(args.csv, "w", newline="") if args.csv else None
     writer = csv.writer(sink) if sink else None
     if writer:
         writer.writerow(["image", "class", "prob", "error"])
     try:
-        for r in predict_files(args.weights, args.images, args.top_k, args.batch_size, args.device, args.tta):
+        for r in results:
             total += 1
             failed += "error" in r
             if writer:
@@ -100,13 +124,17 @@ def _lr_find(args: argparse.Namespace) -> None:
     print(f"stage {r['stage']} ({', '.join(r['trainable_groups'])}): {len(r['lrs'])} steps, loss "
           f"{r['losses'][0]:.3f} -> min {min(r['losses']):.3f}")
     print(f"suggested optim.lr={r['suggested_lr']:.2e}   (curve: {out}/lr_find.png)")
+    if min(r["losses"]) > 0.95 * r["losses"][0]:  # no descent: the steepest slope is noise
+        print(f"dtl: warning: the loss never fell clearly below its start ({r['losses'][0]:.3f}), so this suggestion "
+              f"is unreliable; look at the curve, and try more --steps or a lower --start-lr", file=sys.stderr)
 
 
 def _eval(args: argparse.Namespace) -> None:
     from dtl.classification_metrics import format_confusion
     from dtl.model_eval import evaluate_export
 
-    r = evaluate_export(args.weights, args.data, args.split, args.tta, args.out, args.batch_size, args.num_workers)
+    r = evaluate_export(args.weights, args.data, args.split, args.tta, args.out, args.batch_size, args.num_workers,
+                        args.on_error)
     m = r["metrics"]
     print(f"{args.split}: acc {m['acc']:.4f}  macro-F1 {m['macro_f1']:.4f}  balanced acc {m['balanced_acc']:.4f}  "
           f"loss {m['loss']:.4f}  ({m['samples']} samples)")
@@ -148,7 +176,7 @@ def _add_data_commands(sub) -> None:
         q.add_argument("--test", type=float, default=0.2,
                        help="test fraction of a stratified split (ignored when the folder is pre-split)")
         q.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
-        q.add_argument("--maxcount", type=int, default=128, help="samples per shard")
+        q.add_argument("--maxcount", type=_positive, default=128, help="samples per shard")
     q = s_sub.add_parser("index", help="count shards written by another tool and write dataset.json",
                          description="Read shards written by another tool (webdataset, tar) to their end, count "
                                      "their samples per class and write dataset.json; a damaged shard is an error "
@@ -185,7 +213,8 @@ def _add_model_commands(sub) -> None:
     m.add_argument("--config", "-c", required=True, help="the run config (its plan is the third arm)")
     m.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; 3 give a mean and spread")
     m.add_argument("--out", default="runs/compare", help="folder for the arms' runs and compare.json")
-    m.add_argument("--only", nargs="*", help="run only these arms ('linear probe', 'full, one lr', 'your plan')")
+    m.add_argument("--only", nargs="*", choices=["linear probe", "full, one lr", "your plan"],
+                   help="run only these arms")
     m.add_argument("--set", nargs="*", default=[], help="dotted overrides for every arm, e.g. epochs=5")
     m.add_argument("--full-lr", type=float, default=None, help="learning rate of the full fine-tuning arm "
                                                                 "(default: the config's optim.lr)")
@@ -199,7 +228,7 @@ def _add_model_commands(sub) -> None:
     f.add_argument("--stage", type=int, default=0, help="which stage of the plan (0: the first)")
     f.add_argument("--start-lr", type=float, default=1e-7, help="first head learning rate")
     f.add_argument("--end-lr", type=float, default=10.0, help="last head learning rate")
-    f.add_argument("--steps", type=int, default=100, help="most batches")
+    f.add_argument("--steps", type=_positive, default=100, help="most batches")
     f.add_argument("--out", help="folder for lr_find.png (default: the config's output_dir)")
     f.add_argument("overrides", nargs="*", help="dotted config overrides")
 
@@ -218,8 +247,10 @@ def _add_use_commands(sub) -> None:
     e.add_argument("--split", default="test", help="split of dataset.json to evaluate")
     e.add_argument("--tta", choices=["none", "hflip", "flips", "dihedral"], default="none", help="test-time augmentation")
     e.add_argument("--out", help="folder for eval.json and report/ (default: next to the weights, eval-SPLIT)")
-    e.add_argument("--batch-size", type=int, default=64, help="per process")
-    e.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
+    e.add_argument("--batch-size", type=_positive, default=64, help="per process")
+    e.add_argument("--num-workers", type=_count, default=2, help="DataLoader workers per process")
+    e.add_argument("--on-error", choices=["error", "skip"], default="error",
+                   help="a bad sample: stop naming it, or skip it (with a warning; the metrics leave it out)")
 
     r = sub.add_parser("predict", help="classify images with an exported model.safetensors", formatter_class=fmt,
                        description="Classify images with an exported model (no training config needed); one JSON "
@@ -227,8 +258,8 @@ def _add_use_commands(sub) -> None:
                                    "classified, and the exit code is 2.", epilog=EPILOG)
     r.add_argument("weights", help="model.safetensors, best.safetensors or probe.safetensors written by a dtl run")
     r.add_argument("images", nargs="+", help="image files, folders (searched recursively) or globs")
-    r.add_argument("--top-k", type=int, default=1, help="how many classes to list per image, most probable first")
-    r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    r.add_argument("--top-k", type=_positive, default=1, help="how many classes to list per image, most probable first")
+    r.add_argument("--batch-size", type=_positive, default=32, help="images per forward pass")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     r.add_argument("--tta", choices=["none", "hflip", "flips", "dihedral"], default="none", help="test-time augmentation")
     r.add_argument("--csv", help="write image, class, prob, error rows here instead of JSON lines")

@@ -167,6 +167,9 @@ def resolve_classes(root: str, configured: Optional[list[str]], index: Optional[
     """Class names from the config or dataset.json; they must agree when both are given."""
     classes = configured or (index or {}).get("classes")
     if not classes:
+        if "://" not in root and not root.startswith("pipe:") and not os.path.isdir(root):
+            raise DataError(f"{root}: no such folder (the data root: shards and their dataset.json; "
+                            f"`dtl shards` writes them)")
         raise DataError(f"no class names: {index_path(root)} is missing and data.classes is not set")
     if index and configured and configured != index["classes"]:
         raise DataError(f"data.classes {configured} differ from {index_path(root)} {index['classes']}")

@@ -99,7 +99,10 @@ def extract(run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
     xs, ys = zip(*[_features(run, _stream(run, "train", v > 0), v - 1 if v > 0 else None)
                    for v in range(1 + cfg.augmented_views)])
     x, y = gather_rows((torch.cat(xs), torch.cat(ys)), world)
-    vx, vy = gather_rows(_features(run, _stream(run, "val", False), None), world)
+    if run.data.val is not None:
+        vx, vy = gather_rows(_features(run, _stream(run, "val", False), None), world)
+    else:  # no validation split: the head stops on its training metric (train_head)
+        vx, vy = x[:0], y[:0]
     if run.accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")

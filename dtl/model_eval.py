@@ -19,13 +19,16 @@ from dtl.dataset_index import DataError, read_index, resolve_classes, split_sour
 from dtl.evaluation import evaluate
 from dtl.parallel_strategy import ParallelStrategy
 from dtl.run_config import AugmentConfig
-from dtl.run_report import write_test_report
+from dtl.run_report import write_eval_markdown, write_test_report
 from dtl.shard_stream import ShardStream, StreamOptions
 
 
 def evaluate_export(weights: str, root: str, split: str = "test", tta: str = "none", out: Optional[str] = None,
-                    batch_size: int = 64, num_workers: int = 2) -> dict:
+                    batch_size: int = 64, num_workers: int = 2, on_error: str = "error") -> dict:
     """Metrics of `weights` on `root`'s `split`; the classes must be the model's."""
+    out_dir = Path(out or Path(weights).parent / f"eval-{split}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file; eval writes a folder (eval.json and report/)")
     model, meta = load_exported(weights)
     index = read_index(root)
     classes = resolve_classes(root, None, index)
@@ -34,17 +37,17 @@ def evaluate_export(weights: str, root: str, split: str = "test", tta: str = "no
     acc = Accelerator()
     source = split_source(root, split, index, {}, {})
     stream = ShardStream(source, build_transform(meta["preprocessing"], False, AugmentConfig()),
-                         StreamOptions(classes=classes), acc.process_index, acc.num_processes, num_workers)
+                         StreamOptions(classes=classes, on_error=on_error), acc.process_index, acc.num_processes, num_workers)
     data = Data(classes, stream, None, stream, batch_size, batch_size, num_workers)
     model = acc.prepare_model(model, evaluation_mode=True)
     with closing(data):
         result = evaluate(acc, ParallelStrategy(acc), model, data, stream, len(classes), split,
                           meta["preprocessing"]["input_size"], tta=tta)
-    out_dir = Path(out or Path(weights).parent / f"eval-{split}")
     if acc.is_main_process:
         (out_dir / "report").mkdir(parents=True, exist_ok=True)
         write_test_report(result, classes, source.urls, out_dir / "report")
-        record = {"weights": str(weights), "data": root, "split": split, "tta": tta, **result.metrics,
+        record = {"weights": str(weights), "data": root, "split": split, "tta": tta, "on_error": on_error, **result.metrics,
                   "confusion": result.confusion.tolist()}
         (out_dir / "eval.json").write_text(json.dumps(record, indent=1))
+        write_eval_markdown(record, out_dir / "report")
     return {"metrics": result.metrics, "confusion": result.confusion, "out": out_dir, "classes": classes}

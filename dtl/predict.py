@@ -14,20 +14,31 @@ from PIL import Image
 
 from dtl.checkpoints import load_exported
 from dtl.data_pipeline import build_transform
-from dtl.dataset_index import IMAGE_EXTENSIONS
+from dtl.dataset_index import IMAGE_EXTENSIONS, DataError
 from dtl.evaluation import predict_logits
 from dtl.run_config import AugmentConfig
+from dtl.user_errors import DtlError
 
 
 def expand_inputs(items: list[str | Path]) -> list[str]:
-    """Files as given; folders -> their images (sorted, recursive); globs -> their matches."""
+    """Files as given; folders -> their images (sorted, recursive); globs -> their matches.
+
+    A folder without images or a glob matching nothing is an error naming it: silence would look
+    like a run that classified everything.
+    """
     out: list[str] = []
     for item in map(str, items):
         p = Path(item)
         if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+            if not found:
+                raise DataError(f"{item}: a folder with no images (extensions {IMAGE_EXTENSIONS})")
+            out += found
         elif any(c in item for c in "*?[") and not p.exists():
-            out += sorted(glob.glob(item, recursive=True))
+            found = sorted(glob.glob(item, recursive=True))
+            if not found:
+                raise DataError(f"{item}: no file matches this pattern")
+            out += found
         else:
             out.append(item)
     return out
@@ -35,8 +46,20 @@ def expand_inputs(items: list[str | Path]) -> list[str]:
 
 def predict_files(weights: str | Path, images: list[str | Path], top_k: int = 1, batch_size: int = 32,
                   device: Optional[str] = None, tta: str = "none") -> Iterator[dict]:
-    """One result per image, in order; an unreadable image yields {"image", "error"} and the rest go on."""
+    """One result per image, in order; an unreadable image yields {"image", "error"} and the rest go on.
+
+    The device, the inputs and the weights are checked before the first result (so before any
+    output file is opened); the images are then read lazily.
+    """
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise DtlError(f"--device {device}: this machine has no CUDA GPU (torch sees none); use --device cpu")
+    paths = expand_inputs(images)
     model, meta = load_exported(weights)
+    return _predict(model, meta, paths, top_k, batch_size, device, tta)
+
+
+def _predict(model, meta: dict, paths: list[str], top_k: int, batch_size: int, device: Optional[str],
+             tta: str) -> Iterator[dict]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     transform = build_transform(meta["preprocessing"], train=False, aug=AugmentConfig())
@@ -52,7 +75,7 @@ def predict_files(weights: str | Path, images: list[str | Path], top_k: int = 1,
                                                   for v, i in zip(top.values, top.indices)]}
         pending.clear()
 
-    for path in expand_inputs(images):
+    for path in paths:
         try:
             with Image.open(path) as img:
                 tensor = transform(img.convert("RGB"))

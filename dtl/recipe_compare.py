@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from dtl.user_errors import DtlError
+
 REPO = Path(__file__).resolve().parent.parent
 ARMS = {
     "linear probe": ["epochs=0", "finetune.probe.enabled=true", "finetune.probe.install=true"],
@@ -54,22 +56,60 @@ def versions() -> dict:
             "torchvision": torchvision.__version__, "timm": timm.__version__, "dtl": sha}
 
 
+class ArmError(DtlError):
+    """An arm's `dtl train` refused its input (exit 2); the message is that run's own line."""
+
+
+def arm_overrides(config: str, arm: str, seed: int, out: Path, extra: list[str], full_lr: Optional[float]) -> list[str]:
+    """The overrides that make `config` this arm's run, after the user's `--set` ones."""
+    lr = [f"optim.lr={full_lr}"] if arm == "full, one lr" and full_lr else []
+    return [f"output_dir={out}", f"seed={seed}", "wandb.enabled=false", *extra, *ARMS[arm], *lr]
+
+
+def _finished_row(out: Path, overrides: list[str], config: str) -> Optional[dict]:
+    """The summary of an earlier compare's run of exactly this arm, when it finished; else None."""
+    import yaml
+
+    from dtl.run_config import load_config
+
+    if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
+        return None
+    if yaml.safe_load((out / "config.yaml").read_text()) != load_config(config, overrides).model_dump(mode="json"):
+        return None
+    return json.loads((out / "summary.json").read_text())
+
+
 def run_arm(config: str, arm: str, seed: int, out_root: Path, extra: list[str], full_lr: Optional[float]) -> dict:
-    """One arm, one seed, as its own `dtl train` process; returns its summary row."""
+    """One arm, one seed, as its own `dtl train` process; returns its summary row.
+
+    An arm that an earlier `dtl compare` into the same `--out` finished with the same settings is
+    read back, not trained again; any other content of its folder is replaced.
+    """
     out = out_root / f"{arm.replace(' ', '_').replace(',', '')}-seed{seed}"
-    shutil.rmtree(out, ignore_errors=True)
-    arm_overrides = ARMS[arm] + ([f"optim.lr={full_lr}"] if arm == "full, one lr" and full_lr else [])
-    cmd = [sys.executable, "-m", "dtl.train", "--config", config, f"output_dir={out}", f"seed={seed}",
-           "wandb.enabled=false", "resume=never", *extra, *arm_overrides]
-    t0 = time.time()
-    r = subprocess.run(cmd, cwd=os.getcwd(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{arm} (seed {seed}) failed: {r.stderr.strip().splitlines()[-1:]}")
-    s = json.loads((out / "summary.json").read_text())
-    row = {"arm": arm, "seed": seed, "wall_s": round(time.time() - t0, 1), "command": " ".join(cmd[1:]),
-           **{k: s.get(k) for k in METRICS}}
+    overrides = arm_overrides(config, arm, seed, out, extra, full_lr)
+    overrides.append("resume=never")  # the folder was just cleared: a checkpoint there would not be this arm's
+    cmd = [sys.executable, "-m", "dtl.train", "--config", config, *overrides]
+    s = _finished_row(out, overrides, config)
+    if s is None:
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.time()
+        r = subprocess.run(cmd, cwd=os.getcwd(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if r.returncode == 2:
+            raise ArmError(f"{arm} (seed {seed}): {last.removeprefix('dtl: error: ')}")
+        if r.returncode != 0:
+            raise RuntimeError(f"{arm} (seed {seed}) failed with exit code {r.returncode}: {last}")
+        s = json.loads((out / "summary.json").read_text())
+        wall, how = round(time.time() - t0, 1), ""
+        (out / "compare_wall_s.json").write_text(json.dumps(wall))  # the process's wall, for a rerun to quote
+    else:
+        measured = out / "compare_wall_s.json"
+        wall = json.loads(measured.read_text()) if measured.is_file() else round(s.get("wall_time_s", 0.0), 1)
+        how = ", finished earlier: read back"
+    row = {"arm": arm, "seed": seed, "wall_s": wall, "command": " ".join(cmd[1:]), **{k: s.get(k) for k in METRICS}}
     print(f"  {arm}, seed {seed}: test acc {s['test/acc']:.4f}, macro-F1 {s['test/macro_f1']:.4f} "
-          f"({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+          f"({row['wall_s']:.0f} s{how})", file=sys.stderr, flush=True)
     return row
 
 
@@ -95,8 +135,20 @@ def table(summary: dict) -> str:
 
 def compare(config: str, seeds: list[int], out: str, arms: Optional[list[str]] = None,
             extra: Optional[list[str]] = None, full_lr: Optional[float] = None) -> dict:
-    """Run the arms for every seed; write and return compare.json's content."""
+    """Run the arms for every seed; write and return compare.json's content.
+
+    Every arm's config is checked before the first one trains: a bad key or file stops the
+    comparison at once, with one line (exit 2), not after an hour of the first arms.
+    """
+    from dtl.run_config import load_config
+
+    unknown = sorted(set(arms or []) - set(ARMS))
+    if unknown:
+        raise DtlError(f"--only {unknown}: no such arm; the arms are {list(ARMS)}")
     out_root = Path(out)
+    for arm in ARMS:
+        if not arms or arm in arms:
+            load_config(config, arm_overrides(config, arm, seeds[0], out_root / "check", extra or [], full_lr))
     out_root.mkdir(parents=True, exist_ok=True)
     rows = [run_arm(config, arm, seed, out_root, extra or [], full_lr)
             for seed in seeds for arm in ARMS if not arms or arm in arms]

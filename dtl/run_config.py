@@ -46,6 +46,15 @@ class AugmentConfig(_Strict):
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha (timm's Mixup; 0: off); with mixup, one of the two per batch")
     mix_prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed at all")
 
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _range(cls, value: tuple[float, float], info) -> tuple[float, float]:
+        lo, hi = value
+        if not 0 < lo <= hi or (info.field_name == "crop_scale" and hi > 1):
+            bound = "0 < low <= high <= 1" if info.field_name == "crop_scale" else "0 < low <= high"
+            raise ValueError(f"[{lo}, {hi}]: needs {bound} (a range: [low, high])")
+        return value
+
 
 class ProgressiveResizeConfig(_Strict):
     """fastai's progressive resizing, scheduled as FFCV does: small images in the first epochs (fast,

@@ -5,7 +5,6 @@ Every function here is called on every rank: exports gather weights under FSDP.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +17,16 @@ from dtl.backbones import head_name
 from dtl.classifier_heads import head_spec
 from dtl.evaluation import EvalResult, evaluate
 from dtl.prior_correction import fold_into_bias, output_bias_key, tilt_power
-from dtl.run_config import Config
+from dtl.run_config import Config, ConfigError, config_changes
 
 
 @dataclass
 class RunResult:
-    """What `train()` returns, whether the run finished, stopped, or was already complete."""
-    status: str                    # "finished", "stopped" (checkpointed; the same command continues), "complete"
+    """What `train()` returns: whether the run finished or stopped (a finished one is not rerun)."""
+    status: str                    # "finished", "stopped" (checkpointed; the same command continues)
     steps: int
     epoch: int
-    summary: dict = field(default_factory=dict)   # summary.json's content when finished or complete
+    summary: dict = field(default_factory=dict)   # summary.json's content when finished
 
     @property
     def stopped(self) -> bool:
@@ -220,27 +219,44 @@ def stop(run) -> RunResult:
     return result
 
 
-def completed_run(cfg: Config) -> Optional[RunResult]:
-    """A rerun of a finished run: say so and change nothing (no training, no new W&B run).
+class FinishedRunError(ConfigError):
+    """`output_dir` holds a finished run: a rerun would only repeat or hide its results."""
+
+
+# Keys that change how a run is carried out, not what it computes: a rerun differing only in them
+# is the same run.
+_HOW_KEYS = ("resume", "wandb.", "data.num_workers", "report")
+
+
+def completed_run(cfg: Config) -> None:
+    """Refuse a rerun of a finished run, naming the settings it would change; nothing is written.
 
     Finished means: summary.json is there and the latest checkpoint is at or past `epochs`, of
-    the same backbone (another backbone goes on to be refused by the identity check).
+    the same backbone (another backbone goes on to be refused by the identity check). A higher
+    `epochs=` is not finished: the run trains on.
     """
     out = Path(cfg.output_dir)
     latest = ckpt.latest_checkpoint(out / "checkpoints") if cfg.resume != "never" else None
     if latest is None or not (out / "summary.json").is_file():
-        return None
+        return
     state = ckpt.read_train_state(latest)
     try:
         summary = json.loads((out / "summary.json").read_text())
     except ValueError:
-        return None
+        return
     if (state.epoch < cfg.epochs and not state.stopped_early) or state.batch_in_epoch or state.identity.get("backbone") != cfg.model.backbone \
             or summary.get("steps") != state.step:
-        return None
-    if int(os.environ.get("RANK", "0")) == 0:
-        test = f"test acc {summary['test/acc']:.4f}, " if "test/acc" in summary else ""
-        print(f"dtl: {out} is a finished run ({state.epoch} epochs, {test}{state.step} steps): nothing to do. "
-              f"Its results are in {out / 'summary.json'}; train more with a higher epochs=, or use another "
-              f"output_dir for a new run.", flush=True)
-    return RunResult("complete", state.step, state.epoch, summary)
+        return
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
+    changed = [c for c in config_changes(saved or {}, cfg.model_dump(mode="json"))
+               if not c.startswith(_HOW_KEYS) and not c.startswith("epochs:")] if saved else []
+    test = f"test acc {summary['test/acc']:.4f}, " if "test/acc" in summary else ""
+    early = ", stopped early" if state.stopped_early else ""
+    what = f"{out} is a finished run ({state.epoch} epochs{early}, {test}{state.step} steps)"
+    if changed:
+        raise FinishedRunError(f"{what} trained with other settings ({'; '.join(changed)}): nothing was run or "
+                               f"changed; set another output_dir for a run with these settings")
+    raise FinishedRunError(f"{what}: nothing was run or changed; its results are in {out / 'summary.json'}. "
+                           f"Raise epochs= to train on, or set another output_dir for a new run")

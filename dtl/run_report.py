@@ -116,8 +116,13 @@ def plot_curves(epochs: list[dict], steps: list[dict], probe: Optional[dict], pl
                     transform=ax.transAxes, color="grey")
     ax = axes[1, 1]
     lr_keys = [k for k in (steps[0] if steps else {}) if k.startswith("lr/")]
+    few = len(steps) < 20  # a short run logs a few steps (log_every_steps): markers, or one point is invisible
     for k in lr_keys:
-        ax.plot([r["step"] for r in steps], [r[k] for r in steps], label=k[3:], linewidth=1.2)
+        ax.plot([r["step"] for r in steps], [r[k] for r in steps], label=k[3:], linewidth=1.2,
+                marker="o" if few else None, markersize=4)
+    if not lr_keys:
+        ax.text(0.5, 0.5, "no step logged yet (log_every_steps)", ha="center", va="center", transform=ax.transAxes,
+                color="grey")
     for s in plan.stages[1:]:
         ax.axvline(s.epoch * steps_per_epoch, color="grey", linestyle=":", linewidth=1)
     ax.set_title("learning rate per layer group (dotted: stage changes)")
@@ -258,13 +263,30 @@ def write_markdown(run, summary: dict, out: Path) -> None:
         if f"{prefix}acc" in s:
             lines.append(f"| {name} | {s[prefix + 'acc']:.4f} | {s[prefix + 'macro_f1']:.4f} | "
                          f"{s[prefix + 'balanced_acc']:.4f} |")
-    lines += ["", "![curves](curves.png)", ""]
-    if (out / "confusion.png").is_file():
-        lines += ["![confusion matrix](confusion.png)", "", "Per class (test, selected weights):", "",
-                  "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
-        with open(out / "per_class.csv") as f:
-            for r in csv.DictReader(f):
-                lines.append(f"| {r['class']} | {float(r['precision']):.3f} | {float(r['recall']):.3f} | "
-                             f"{float(r['f1']):.3f} | {r['support']} |")
+    lines += ["", "![curves](curves.png)", ""] + _evaluation_lines(out, "test, selected weights")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _evaluation_lines(out: Path, what: str) -> list[str]:
+    """Markdown for write_test_report's files in `out`: confusion, per-class table, top losses."""
+    if not (out / "confusion.png").is_file():
+        return []
+    lines = ["![confusion matrix](confusion.png)", "", f"Per class ({what}):", "",
+             "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
+    with open(out / "per_class.csv") as f:
+        for r in csv.DictReader(f):
+            lines.append(f"| {r['class']} | {float(r['precision']):.3f} | {float(r['recall']):.3f} | "
+                         f"{float(r['f1']):.3f} | {r['support']} |")
+    if (out / "top_losses.png").is_file():
         lines += ["", "![top losses](top_losses.png)", ""]
+    return lines
+
+
+def write_eval_markdown(record: dict, out: Path) -> None:
+    """report.md of `dtl eval`: which weights on which data, the metrics, then the evaluation's files."""
+    lines = [f"# {record['weights']} on {record['data']} ({record['split']})", "",
+             f"{record['samples']} samples; test-time augmentation: {record['tta']}.", "",
+             "| acc | macro-F1 | balanced acc | loss |", "| --- | --- | --- | --- |",
+             f"| {record['acc']:.4f} | {record['macro_f1']:.4f} | {record['balanced_acc']:.4f} | {record['loss']:.4f} |",
+             ""] + _evaluation_lines(out, record["split"])
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -126,6 +126,8 @@ class Run:
 
 def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     """Everything `train()` needs, resumed from the latest checkpoint when there is one."""
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ConfigError(f"output_dir={cfg.output_dir} is a file, not a folder; set output_dir to a folder for the run")
     threads = configure_cpu_threads(cfg.data.num_workers)
     start_worker_server(cfg.data.worker_start, cfg.data.num_workers)
     out = Path(cfg.output_dir)

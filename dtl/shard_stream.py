@@ -344,7 +344,7 @@ class ShardStream(IterableDataset):
         what = f"sample {key}" if lost == 1 else f"{lost} samples after {key}"
         msg = f"shard {url}, {what}: {reason}"
         if self.opt.on_error == "error":
-            raise DataError(msg + "  (set data.on_error=skip to skip bad samples)")
+            raise DataError(msg + "  (data.on_error=skip, or dtl eval --on-error skip, skips bad samples)")
         self._errors += lost
         if self.opt.error_log:
             with open(self.opt.error_log, "a") as f:
@@ -368,8 +368,8 @@ class ShardStream(IterableDataset):
                 img = self.transform.open(sample, self.opt.draft_size)
             else:
                 img = decode_image(sample, self.opt.draft_size)
-        except Exception as e:
-            self._bad(url, key, f"{type(e).__name__}: {e}")
+        except Exception as e:  # PIL names the in-memory file object: no help to the user
+            self._bad(url, key, f"{type(e).__name__}: {str(e).replace(' <_io.BytesIO object', '').split(' at 0x')[0]}")
             return None
         if self.opt.train or self.opt.seeded:  # augmentation as a function of (seed, epoch, key): exact on resume
             epoch = self.epoch if self.opt.aug_epoch is None else self.opt.aug_epoch

@@ -9,6 +9,9 @@ from __future__ import annotations
 import csv
 import os
 import random
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -49,6 +52,55 @@ def stratified_split(records: list[Record], fractions: dict[str, float], seed: i
     return out
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """A stratified split needs fractions in [0, 1) that leave some images for training."""
+    for name, f in (("--val", val_fraction), ("--test", test_fraction)):
+        if not 0 <= f < 1:
+            raise DataError(f"{name} {f}: a split fraction must be at least 0 and below 1")
+    if val_fraction + test_fraction >= 1:
+        raise DataError(f"--val {val_fraction} and --test {test_fraction} leave no images for training "
+                        f"(their sum must be below 1)")
+
+
+def _open_error(path: Path) -> Optional[str]:
+    """Why `path` does not decode as an image (None when it does); JPEGs decode at draft scale."""
+    from PIL import Image
+
+    from dtl.shard_stream import load_rgb
+
+    try:
+        with Image.open(path) as img:
+            load_rgb(img, 64)
+    except Exception as e:  # PIL raises many types for bad files
+        return f"{type(e).__name__}: {str(e).split(' <_io')[0]}"
+    return None
+
+
+def check_images(records: list[Record], threads: int = 0) -> None:
+    """Decode every image before a shard is written: a bad file is named now, not hours into training.
+
+    PIL releases the GIL while decoding, so threads use every core. Raises one DataError naming the
+    first bad file, with how many more there are.
+    """
+    threads = threads or min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        errors = [(r.path, e) for r, e in zip(records, pool.map(lambda r: _open_error(r.path), records)) if e]
+    if errors:
+        path, why = errors[0]
+        more = f" (and {len(errors) - 1} more bad images: {', '.join(str(p) for p, _ in errors[1:4])}" \
+               f"{', ...' if len(errors) > 4 else ''})" if len(errors) > 1 else ""
+        raise DataError(f"{path}: not a readable image ({why}){more}; nothing was written. Remove or fix it "
+                        f"and run again")
+
+
+def check_out_dir(out: Path) -> None:
+    """Shards go only into a missing or empty folder, so no run's data changes under it."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "holds a dataset (dataset.json)" if (out / INDEX_NAME).is_file() else "is not an empty folder"
+        raise DataError(f"{out} {what}: shards are written only into a missing or empty folder, so runs "
+                        f"that read a dataset keep reading the same one; choose another output folder")
+
+
 def _write_split(records: list[Record], out_dir: Path, split: str, maxcount: int) -> list[dict]:
     shards = []
     for i in range(0, len(records), maxcount):
@@ -67,8 +119,10 @@ def _write_split(records: list[Record], out_dir: Path, split: str, maxcount: int
 
 def write_dataset(splits: dict[str, list[Record]], classes: list[str], out_dir: str | Path,
                   maxcount: int = 128, source: str = "") -> dict:
-    """Write every split as shards and then the index; returns the index."""
+    """Check every image, then write every split as shards and then the index; returns the index."""
     out = Path(out_dir)
+    check_out_dir(out)
+    check_images([r for records in splits.values() for r in records])
     out.mkdir(parents=True, exist_ok=True)
     index = new_index(classes, source)
     for split, records in splits.items():
@@ -112,19 +166,36 @@ def imagefolder_records(root: Path, classes: Optional[list[str]] = None) -> tupl
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    own_classes = not classes  # a val/test folder of a pre-split tree may lack a rare class
     classes = classes or found
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected {root}/CLASS/IMAGE.jpg)")
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{root}: folders {unknown} are not among the classes {classes}")
-    found_files = []
+    if own_classes and len(classes) < 2:
+        raise DataError(f"{root}: one class folder ({classes[0]}); a classifier needs at least two")
+    found_files: list[tuple[Path, int]] = []
+    skipped: Counter = Counter()
     for label, name in enumerate(classes):
+        mine = 0
         for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and path.is_file():
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
                 found_files.append((path, label))
+                mine += 1
+            else:
+                skipped[path.suffix.lower() or "(no extension)"] += 1
+        if not mine and own_classes:
+            raise DataError(f"{root / name}: no images with extensions {IMAGE_EXTENSIONS}: the class would "
+                            f"never be seen in training; remove the folder or add its images")
     if not found_files:
         raise DataError(f"{root}: no images with extensions {IMAGE_EXTENSIONS}")
+    if skipped:
+        print(f"dtl: {root}: skipped {sum(skipped.values())} files that are not images by their extension "
+              f"({', '.join(f'{k}: {v}' for k, v in skipped.most_common())}); images: {IMAGE_EXTENSIONS}",
+              file=sys.stderr)
     keys = unique_keys([p for p, _ in found_files], root)
     return [Record(k, p, label) for k, (p, label) in zip(keys, found_files)], classes
 
@@ -141,6 +212,7 @@ def write_imagefolder(root: str | Path, out_dir: str | Path, val_fraction: float
             split_records, _ = imagefolder_records(root / name, classes)
             splits["test" if name == "test" else "val"] = split_records
     else:
+        check_fractions(val_fraction, test_fraction)
         records, classes = imagefolder_records(root)
         splits = stratified_split(records, {"val": val_fraction, "test": test_fraction}, seed)
     return write_dataset(splits, classes, out_dir, maxcount, source=f"imagefolder:{root}")
@@ -167,6 +239,7 @@ def elpv_records() -> list[Record]:
 
 def write_elpv(out_dir: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2,
                seed: int = 0, maxcount: int = 128) -> dict:
+    check_fractions(val_fraction, test_fraction)
     splits = stratified_split(elpv_records(), {"val": val_fraction, "test": test_fraction}, seed)
     return write_dataset(splits, ELPV_CLASSES, out_dir, maxcount, source="elpv-dataset")
 

@@ -35,9 +35,7 @@ from dtl.user_errors import DtlError, print_error
 
 def train(cfg: Config, observers: Sequence[Observer] = ()) -> RunResult:
     """Run the whole job (or its remaining part); `observers` are attached to the run's events."""
-    done = completed_run(cfg)  # a rerun of a finished run changes nothing
-    if done is not None:
-        return done
+    completed_run(cfg)  # a rerun of a finished run is refused, naming what it would change
     run = build_run(cfg, observers)
     with closing(run.data):  # the workers the training and validation loaders keep between epochs
         state, val = run.state, None
@@ -81,7 +79,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         train(load_config(args.config, args.overrides))
     except DtlError as e:
+        wb = sys.modules.get("wandb")
+        if wb is not None and wb.run is not None:  # W&B marks it failed, and its footer comes before our line
+            wb.finish(exit_code=2)
         return print_error(e)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; what the checkpoints hold is kept
+        print("dtl: interrupted; the latest checkpoint is kept and the same command continues from it",
+              file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

@@ -40,16 +40,20 @@ def test_a_rejected_resume_writes_nothing(tmp_path, shard_dir):
     assert _files(out) == before  # config.yaml is still the run's own
 
 
-def test_rerunning_a_finished_run_changes_nothing(tmp_path, shard_dir, monkeypatch, capsys):
+def test_rerunning_a_finished_run_is_refused_and_changes_nothing(tmp_path, shard_dir, monkeypatch):
+    from dtl.run_finish import FinishedRunError
+
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = tiny_config(tmp_path, shard_dir, epochs=1, **{"wandb.enabled": True, "wandb.project": "dtl-test"})
-    first = train(Config.model_validate(cfg))
+    train(Config.model_validate(cfg))
     out = tmp_path / "run"
     before = _files(out)
-    capsys.readouterr()
-    again = train(Config.model_validate(cfg))
-    assert again.status == "complete" and again.summary == first.summary
-    assert "is a finished run" in capsys.readouterr().out
+    with pytest.raises(FinishedRunError, match="is a finished run .*nothing was run or changed; its results are in"):
+        train(Config.model_validate(cfg))
+    # Other settings: the message names them, so a sweep cannot mistake the old result for the new one.
+    changed = {**cfg, "optim": {**cfg.get("optim", {}), "lr": 0.5}, "data": {**cfg["data"], "num_workers": 1}}
+    with pytest.raises(FinishedRunError, match=r"trained with other settings \(optim.lr: .* -> 0.5\)"):
+        train(Config.model_validate(changed))
     assert _files(out) == before  # no summary rewrite, no metrics row, no new W&B run
 
 
@@ -235,3 +239,12 @@ def test_predict_classifies_the_good_images_when_one_is_unreadable(tmp_path, sha
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert r.returncode == 2 and [row["image"] for row in rows] == [str(good[0]), str(bad), *map(str, good[1:])]
     assert "error" in rows[1] and all("predictions" in row for i, row in enumerate(rows) if i != 1)
+
+
+def test_an_output_dir_that_is_a_file_is_refused_and_kept(tmp_path, shard_dir):
+    from dtl.run_config import ConfigError
+
+    (tmp_path / "run").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        train(Config.model_validate(tiny_config(tmp_path, shard_dir, epochs=1)))
+    assert (tmp_path / "run").read_text() == "mine"

@@ -69,7 +69,10 @@ def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path, shard_dir):
         "checkpoint.patience": 1, "optim.lr": 1e-12, "finetune.stages": [{"epoch": 0, "train": 1}]}))
     s = train(cfg).summary  # an lr of 1e-12 leaves validation accuracy where it was
     assert s["epochs_trained"] == 2 and s["best_epoch"] == 1
-    assert train(cfg).status == "complete"  # an early-stopped run is finished
+    from dtl.run_finish import FinishedRunError
+
+    with pytest.raises(FinishedRunError, match="stopped early"):  # an early-stopped run is finished
+        train(cfg)
 
 
 def test_tta_flips_on_the_test_and_validation_only_when_asked(tmp_path, shard_dir):
@@ -120,6 +123,34 @@ def test_dtl_compare_runs_the_three_arms_on_the_same_split(tmp_path, shard_dir):
     assert [row["arm"] for row in result["rows"]] == ["linear probe", "full, one lr", "your plan"]
     assert all(row["test/acc"] is not None and row["wall_s"] > 0 for row in result["rows"])
     assert "linear probe" in r.stdout and "your plan" in r.stdout
+    # Again into the same --out: every arm finished with the same settings is read back, not retrained.
+    arm_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").rglob("summary.json")}
+    r = subprocess.run([sys.executable, "-m", "dtl.cli", "compare", "--config", str(path), "--out",
+                        str(tmp_path / "cmp"), "--seeds", "0"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr.count("finished earlier: read back") == 3, r.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in arm_files} == arm_files
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["summary"] == result["summary"]
+
+
+def test_dtl_compare_refuses_a_bad_config_before_any_arm_trains(tmp_path, shard_dir):
+    import subprocess
+    import sys
+
+    from conftest import write_config
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, shard_dir))
+    for args, said in ((["--set", "optim.lrr=1"], "optim.lrr"), (["--config", str(tmp_path / "no.yaml")], "no.yaml")):
+        r = subprocess.run([sys.executable, "-m", "dtl.cli", "compare", "--config", str(path), "--out",
+                            str(tmp_path / "cmp"), *args], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and said in r.stderr, r.stderr[-2000:]
+        assert not list((tmp_path / "cmp").glob("*/summary.json"))
+
+
+def test_probe_without_a_validation_split_stops_on_its_training_metric(tmp_path, shard_dir):
+    cfg = tiny_config(tmp_path, shard_dir, epochs=1, **{"data.val_split": None,
+                                                        "finetune.probe": {"enabled": True, "epochs": 5}})
+    s = train(Config.model_validate(cfg)).summary
+    assert s["test/acc"] is not None and (tmp_path / "run" / "probe.safetensors").is_file()
 
 
 def test_ema_is_evaluated_selectable_and_resumes_exactly(tmp_path, shard_dir):

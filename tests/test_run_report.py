@@ -39,6 +39,17 @@ def test_dtl_eval_and_predict_at_scale(tmp_path, shard_dir, image_folder):
     ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert ev["samples"] == 15 and sum(map(sum, ev["confusion"])) == 15 and "test: acc" in r.stdout
     assert (tmp_path / "ev" / "report" / "confusion.png").stat().st_size > 15_000
+    report = (tmp_path / "ev" / "report" / "report.md").read_text()
+    assert f"{ev['acc']:.4f}" in report and "![confusion matrix](confusion.png)" in report and "| circle |" in report
+    (tmp_path / "a_file").write_text("mine")
+    for args, said in ((["eval", str(weights), "--data", str(shard_dir), "--out", str(tmp_path / "a_file")], "is a file"),
+                       (["predict", str(weights), str(tmp_path / "ev" / "*.nothing")], "no file matches"),
+                       (["predict", str(weights), str(tmp_path / "ev" / "report"), "--csv", str(tmp_path)], "a folder"),
+                       (["predict", str(weights), str(image_folder / "circle"), "--csv", str(tmp_path / "no" / "p.csv")],
+                        "does not exist")):
+        r = subprocess.run([sys.executable, "-m", "dtl.cli", *args], capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and said in r.stderr, (args, r.stderr[-2000:])
+    assert (tmp_path / "a_file").read_text() == "mine"
     (image_folder / "broken.jpg").write_bytes(b"no")
     try:
         r = subprocess.run([sys.executable, "-m", "dtl.cli", "predict", str(weights), str(image_folder / "circle"),

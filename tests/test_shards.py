@@ -237,3 +237,43 @@ def test_shards_cli_help():
     r = subprocess.run([sys.executable, "-m", "dtl.cli", "shards", "imagefolder", "--help"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "ImageFolder" in r.stdout and "--maxcount" in r.stdout
+
+
+def test_shard_writer_checks_images_fractions_and_its_folder_before_writing(tmp_path):
+    """Bad files are named when the shards are written, not hours into training; nothing is overwritten."""
+    from conftest import write_imagefolder as make_folder
+
+    def shards(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dtl.cli", "shards", "imagefolder", *args],
+                              capture_output=True, text=True)
+
+    src = make_folder(tmp_path / "src", per_class=4)
+    (src / "circle" / "fake.jpg").write_bytes(b"x")
+    cut = encode(make_image(0, 1), "PNG")
+    (src / "square" / "cut.png").write_bytes(cut[: len(cut) // 2])
+    (src / "stripes" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    r = shards(str(src), str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "fake.jpg: not a readable image" in r.stderr and "1 more bad images" in r.stderr and "cut.png" in r.stderr
+    assert "BytesIO" not in r.stderr and not out.exists()
+    (src / "circle" / "fake.jpg").unlink()
+    (src / "square" / "cut.png").unlink()
+    r = shards(str(src), str(out))
+    assert r.returncode == 0 and "skipped 1 files that are not images by their extension (.txt: 1)" in r.stderr
+    written = (out / "dataset.json").read_bytes()
+    r = shards(str(src), str(out), "--val", "0.3")  # over a dataset that runs may read
+    assert r.returncode == 2 and "holds a dataset" in r.stderr and (out / "dataset.json").read_bytes() == written
+    r = shards(str(src), str(tmp_path / "o2"), "--val", "0.6", "--test", "0.6")
+    assert r.returncode == 2 and "leave no images for training" in r.stderr
+    (src / "empty").mkdir()
+    r = shards(str(src), str(tmp_path / "o3"))
+    assert r.returncode == 2 and "empty: no images" in r.stderr
+    one = make_folder(tmp_path / "one", per_class=2)
+    for name in CLASSES[1:]:
+        for f in (one / name).iterdir():
+            f.unlink()
+        (one / name).rmdir()
+    r = shards(str(one), str(tmp_path / "o4"))
+    assert r.returncode == 2 and "needs at least two" in r.stderr
+    assert not any((tmp_path / d).exists() for d in ("o2", "o3", "o4"))
