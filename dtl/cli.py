@@ -9,20 +9,16 @@ from typing import Optional
 
 from dtl.user_errors import DtlError, print_error
 
-def _positive(text: str) -> int:
-    """argparse type: an integer of at least 1 (a batch size, k, a step count)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return value
 
-
-def _count(text: str) -> int:
-    """argparse type: an integer of at least 0 (worker processes)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 0")
-    return value
+def _int_at_least(low: int):
+    """argparse type: an integer of at least `low` (1: a batch size, k, a step count; 0: workers)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text}: must be at least {low}")
+        return value
+    parse.__name__ = "int"  # argparse's "invalid int value: 'x'" for a non-number
+    return parse
 
 
 EPILOG = "Exit codes: 0 done; 2 a problem with the input, named in one line; anything else is a bug in dtl."
@@ -70,11 +66,9 @@ def _config(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> int:
     import csv
 
-    from dtl.predict import predict_files
-
     from pathlib import Path
 
-    from dtl.user_errors import DtlError
+    from dtl.predict import predict_files
 
     if args.csv and (Path(args.csv).is_dir() or not Path(args.csv).parent.is_dir()):
         raise DtlError(f"--csv {args.csv}: {'a folder' if Path(args.csv).is_dir() else 'its folder does not exist'}; "
@@ -176,7 +170,7 @@ def _add_data_commands(sub) -> None:
         q.add_argument("--test", type=float, default=0.2,
                        help="test fraction of a stratified split (ignored when the folder is pre-split)")
         q.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
-        q.add_argument("--maxcount", type=_positive, default=128, help="samples per shard")
+        q.add_argument("--maxcount", type=_int_at_least(1), default=128, help="samples per shard")
     q = s_sub.add_parser("index", help="count shards written by another tool and write dataset.json",
                          description="Read shards written by another tool (webdataset, tar) to their end, count "
                                      "their samples per class and write dataset.json; a damaged shard is an error "
@@ -228,7 +222,7 @@ def _add_model_commands(sub) -> None:
     f.add_argument("--stage", type=int, default=0, help="which stage of the plan (0: the first)")
     f.add_argument("--start-lr", type=float, default=1e-7, help="first head learning rate")
     f.add_argument("--end-lr", type=float, default=10.0, help="last head learning rate")
-    f.add_argument("--steps", type=_positive, default=100, help="most batches")
+    f.add_argument("--steps", type=_int_at_least(1), default=100, help="most batches")
     f.add_argument("--out", help="folder for lr_find.png (default: the config's output_dir)")
     f.add_argument("overrides", nargs="*", help="dotted config overrides")
 
@@ -247,8 +241,8 @@ def _add_use_commands(sub) -> None:
     e.add_argument("--split", default="test", help="split of dataset.json to evaluate")
     e.add_argument("--tta", choices=["none", "hflip", "flips", "dihedral"], default="none", help="test-time augmentation")
     e.add_argument("--out", help="folder for eval.json and report/ (default: next to the weights, eval-SPLIT)")
-    e.add_argument("--batch-size", type=_positive, default=64, help="per process")
-    e.add_argument("--num-workers", type=_count, default=2, help="DataLoader workers per process")
+    e.add_argument("--batch-size", type=_int_at_least(1), default=64, help="per process")
+    e.add_argument("--num-workers", type=_int_at_least(0), default=2, help="DataLoader workers per process")
     e.add_argument("--on-error", choices=["error", "skip"], default="error",
                    help="a bad sample: stop naming it, or skip it (with a warning; the metrics leave it out)")
 
@@ -258,8 +252,8 @@ def _add_use_commands(sub) -> None:
                                    "classified, and the exit code is 2.", epilog=EPILOG)
     r.add_argument("weights", help="model.safetensors, best.safetensors or probe.safetensors written by a dtl run")
     r.add_argument("images", nargs="+", help="image files, folders (searched recursively) or globs")
-    r.add_argument("--top-k", type=_positive, default=1, help="how many classes to list per image, most probable first")
-    r.add_argument("--batch-size", type=_positive, default=32, help="images per forward pass")
+    r.add_argument("--top-k", type=_int_at_least(1), default=1, help="how many classes to list per image, most probable first")
+    r.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per forward pass")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     r.add_argument("--tta", choices=["none", "hflip", "flips", "dihedral"], default="none", help="test-time augmentation")
     r.add_argument("--csv", help="write image, class, prob, error rows here instead of JSON lines")

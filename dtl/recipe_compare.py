@@ -60,7 +60,7 @@ class ArmError(DtlError):
     """An arm's `dtl train` refused its input (exit 2); the message is that run's own line."""
 
 
-def arm_overrides(config: str, arm: str, seed: int, out: Path, extra: list[str], full_lr: Optional[float]) -> list[str]:
+def arm_overrides(arm: str, seed: int, out: Path, extra: list[str], full_lr: Optional[float]) -> list[str]:
     """The overrides that make `config` this arm's run, after the user's `--set` ones."""
     lr = [f"optim.lr={full_lr}"] if arm == "full, one lr" and full_lr else []
     return [f"output_dir={out}", f"seed={seed}", "wandb.enabled=false", *extra, *ARMS[arm], *lr]
@@ -86,7 +86,7 @@ def run_arm(config: str, arm: str, seed: int, out_root: Path, extra: list[str], 
     read back, not trained again; any other content of its folder is replaced.
     """
     out = out_root / f"{arm.replace(' ', '_').replace(',', '')}-seed{seed}"
-    overrides = arm_overrides(config, arm, seed, out, extra, full_lr)
+    overrides = arm_overrides(arm, seed, out, extra, full_lr)
     overrides.append("resume=never")  # the folder was just cleared: a checkpoint there would not be this arm's
     cmd = [sys.executable, "-m", "dtl.train", "--config", config, *overrides]
     s = _finished_row(out, overrides, config)
@@ -148,7 +148,7 @@ def compare(config: str, seeds: list[int], out: str, arms: Optional[list[str]] =
     out_root = Path(out)
     for arm in ARMS:
         if not arms or arm in arms:
-            load_config(config, arm_overrides(config, arm, seeds[0], out_root / "check", extra or [], full_lr))
+            load_config(config, arm_overrides(arm, seeds[0], out_root / "check", extra or [], full_lr))
     out_root.mkdir(parents=True, exist_ok=True)
     rows = [run_arm(config, arm, seed, out_root, extra or [], full_lr)
             for seed in seeds for arm in ARMS if not arms or arm in arms]

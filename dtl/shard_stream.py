@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import signal
 import warnings
 import zlib
@@ -104,6 +105,9 @@ def read_label(sample: dict, label_field: str, num_classes: int, classes: Option
     if not 0 <= label < num_classes:
         raise ValueError(f"label {label} outside the {num_classes} classes")
     return label
+
+
+_IN_MEMORY_FILE = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def image_bytes(sample: dict) -> bytes:
@@ -368,8 +372,8 @@ class ShardStream(IterableDataset):
                 img = self.transform.open(sample, self.opt.draft_size)
             else:
                 img = decode_image(sample, self.opt.draft_size)
-        except Exception as e:  # PIL names the in-memory file object: no help to the user
-            self._bad(url, key, f"{type(e).__name__}: {str(e).replace(' <_io.BytesIO object', '').split(' at 0x')[0]}")
+        except Exception as e:  # PIL names the in-memory file object ("<_io.BytesIO object at 0x...>"): no help
+            self._bad(url, key, f"{type(e).__name__}: {_IN_MEMORY_FILE.sub('', str(e))}")
             return None
         if self.opt.train or self.opt.seeded:  # augmentation as a function of (seed, epoch, key): exact on resume
             epoch = self.epoch if self.opt.aug_epoch is None else self.opt.aug_epoch

@@ -72,7 +72,7 @@ def _open_error(path: Path) -> Optional[str]:
         with Image.open(path) as img:
             load_rgb(img, 64)
     except Exception as e:  # PIL raises many types for bad files
-        return f"{type(e).__name__}: {str(e).split(' <_io')[0]}"
+        return f"{type(e).__name__}: {e}"
     return None
 
 
