@@ -84,7 +84,9 @@ def evaluate(accelerator: Accelerator, strategy: ParallelStrategy, model: torch.
     keys: list[str] = []
     labels, probs = [], []
     source = data.loader(stream) if cached is None else cached[0]
-    batches = on_device(tqdm(source, desc=split, leave=False, disable=progress_bars_off(accelerator)), dev,
+    # tqdm.auto's bar calls iter() on what it wraps, then iterates it again: a DataLoader handed to it
+    # started its workers twice, and the abandoned first pass decoded (and logged bad samples) in vain
+    batches = on_device(tqdm(iter(source), desc=split, leave=False, disable=progress_bars_off(accelerator)), dev,
                         channels_last, data.normalize)
     with torch.no_grad():
         while True:

@@ -6,13 +6,31 @@ Anything else is a bug in dtl and keeps its traceback.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
+import warnings
 
 EXIT_USER_ERROR = 2
 
 _WORKER_TRACEBACK = re.compile(r"Caught \w+ in DataLoader worker process \d+\.")
 _QUALIFIED = re.compile(r"^(?:[\w.]+\.)?\w+(?:Error|Exception): ")
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_python_format = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """dtl's own advice (a UserWarning raised in dtl/) reads `dtl: warning: ...` on one line, like
+    its errors, without Python's file:line prefix and the echoed `warnings.warn(...)` source line;
+    every other warning keeps Python's format. Installed on import, so DataLoader workers get it too."""
+    if category is UserWarning and os.path.abspath(filename).startswith(_PACKAGE):
+        return f"dtl: warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _format_warning
 
 
 class DtlError(Exception):

@@ -248,3 +248,25 @@ def test_an_output_dir_that_is_a_file_is_refused_and_kept(tmp_path, shard_dir):
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         train(Config.model_validate(tiny_config(tmp_path, shard_dir, epochs=1)))
     assert (tmp_path / "run").read_text() == "mine"
+
+
+def test_an_evaluation_reads_its_split_once_and_dtl_warnings_are_one_line(tmp_path, shard_dir):
+    """tqdm.auto's bar iterates what it wraps twice: every evaluation started its loader's workers
+    twice, and a bad test sample was decoded and logged twice per evaluation."""
+    import dtl.user_errors  # noqa: F401 (installs the warning format)
+    from test_shards import _corrupt_copy, _rewrite_member
+
+    key = {}
+    root = _corrupt_copy(shard_dir, tmp_path, lambda r: key.setdefault(
+        "k", _rewrite_member(r / "test-000000.tar", ".jpg", b"not an image")))
+    cfg = tiny_config(tmp_path, root, epochs=1, **{"data.num_workers": 2, "data.on_error": "skip"})
+    summary = train(Config.model_validate(cfg)).summary
+    evaluations = 1 + ("test_final/acc" in summary)  # the selected weights, and the final ones when they differ
+    log = [json.loads(line) for line in (tmp_path / "run" / "bad_samples.rank0.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["key"]) for r in log] == [("test", key["k"])] * evaluations
+    assert summary["test/samples"] == 14  # 15 test images, one unreadable
+
+    import dtl.shard_stream as where
+    assert warnings.formatwarning("skipped: x", UserWarning, where.__file__, 1) == "dtl: warning: skipped: x\n"
+    python = warnings.formatwarning("x", UserWarning, "/elsewhere/mod.py", 7)
+    assert python.startswith("/elsewhere/mod.py:7: UserWarning: x")
