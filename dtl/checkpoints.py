@@ -154,6 +154,64 @@ def read_train_state(path: str | Path) -> TrainState:
         raise CheckpointError(f"{path}: not a dtl checkpoint ({e})") from None
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def check_resumable(path: str | Path, model: nn.Module) -> None:
+    """Refuse, before anything is written, a checkpoint whose files do not read back or whose
+    weights do not fit this model (a changed head keeps backbone, classes and groups, so only the
+    tensors tell): accelerate would fail mid-load with a traceback (or, for the RNG states, carry on
+    silently and lose the bitwise resume). Safetensors are checked by their header (names, shapes,
+    the file covering its data); accelerate's torch.save files by the zip container's CRCs."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    shared = _shared_keys(model)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for file in sorted(path.iterdir()):
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            except Exception as e:
+                raise CheckpointError(f"{file}: unreadable checkpoint file ({_first_line(e)}); resume from an "
+                                      f"earlier checkpoint with resume=PATH, or remove this one") from None
+            misfit = _misfit(shapes, expected, shared) if file.name in ("model.safetensors", EMA_FILE) else None
+            if misfit:
+                raise CheckpointError(f"{file} belongs to another model (a changed model.head setting?): {misfit}")
+        elif file.suffix in (".bin", ".pkl", ".pt", ".pth"):
+            try:
+                with zipfile.ZipFile(file) as z:
+                    bad = z.testzip()
+            except (zipfile.BadZipFile, OSError) as e:
+                bad = _first_line(e)
+            if bad is not None:
+                raise CheckpointError(f"{file}: unreadable checkpoint file (truncated or damaged: {bad}); resume "
+                                      f"from an earlier checkpoint with resume=PATH, or remove this one")
+
+
+def _shared_keys(model: nn.Module) -> set[str]:
+    """Names of tensors that share storage with another (safetensors keeps one of them)."""
+    seen: dict[tuple, list[str]] = {}
+    for k, v in model.state_dict().items():
+        if v.device.type != "meta" and v.numel():
+            seen.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
+    return {k for names in seen.values() if len(names) > 1 for k in names}
+
+
+def _misfit(shapes: dict, expected: dict, shared: set[str]) -> Optional[str]:
+    """How tensors by name and shape (`shapes`) fail to fit a model's (`expected`), or None."""
+    missing = [k for k in expected if k not in shapes and k not in shared]
+    unexpected = [k for k in shapes if k not in expected]
+    differ = [f"{k} {list(shapes[k])} vs {list(expected[k])}" for k in shapes
+              if k in expected and shapes[k] != expected[k]]
+    return "; ".join(f"{name} {items[:4]}" for name, items in
+                     (("missing", missing), ("unexpected", unexpected), ("shapes differ", differ)) if items) or None
+
+
 def check_identity(saved: dict, current: dict, source: str) -> None:
     """Refuse a checkpoint from another model, class list or grouping, naming what differs."""
     diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current[k]!r}"
@@ -197,7 +255,14 @@ def read_export_meta(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
     if "dtl" not in meta:
         raise CheckpointError(f"{path}: no dtl metadata (was it written by dtl?)")
-    return json.loads(meta["dtl"])
+    try:
+        info = json.loads(meta["dtl"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its dtl metadata is not valid JSON ({e})") from None
+    lacking = [k for k in ("backbone", "classes") if k not in info] if isinstance(info, dict) else ["a mapping"]
+    if lacking:
+        raise CheckpointError(f"{path}: its dtl metadata lacks {', '.join(lacking)} (damaged, or not written by dtl)")
+    return info
 
 
 def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
@@ -205,15 +270,17 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     from dtl.backbones import create_classifier
 
     meta = read_export_meta(path)
-    model = create_classifier(meta["backbone"], len(meta["classes"]), pretrained=False, head=meta.get("head"),
-                              factory=meta.get("factory"), aux_logits=bool(meta.get("aux_logits")),
-                              head_module=meta.get("head_module"), global_pool=meta.get("global_pool"))
-    sd = load_file(str(path))
     try:
-        result = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit {meta['backbone']}: {e}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{path}: weights do not fit {meta['backbone']}: missing {result.missing_keys[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]}")
+        model = create_classifier(meta["backbone"], len(meta["classes"]), pretrained=False, head=meta.get("head"),
+                                  factory=meta.get("factory"), aux_logits=bool(meta.get("aux_logits")),
+                                  head_module=meta.get("head_module"), global_pool=meta.get("global_pool"))
+    except DtlError as e:  # e.g. a backbone this install lacks: say which file asked for it
+        raise CheckpointError(f"{path}: {str(e).strip().splitlines()[0]}") from None
+    sd = load_file(str(path))
+    misfit = _misfit({k: tuple(v.shape) for k, v in sd.items()},
+                     {k: tuple(v.shape) for k, v in model.state_dict().items()}, _shared_keys(model))
+    if misfit:
+        raise CheckpointError(f"{path}: weights do not fit its metadata ({meta['backbone']}, "
+                              f"{len(meta['classes'])} classes): {misfit}")
+    model.load_state_dict(sd, strict=False)
     return model.eval(), meta

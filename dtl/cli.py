@@ -21,6 +21,16 @@ def _int_at_least(low: int):
     return parse
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (a learning rate)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number above 0")
+    return value
+
+
+_positive_float.__name__ = "float"
+
 EPILOG = "Exit codes: 0 done; 2 a problem with the input, named in one line; anything else is a bug in dtl."
 
 
@@ -109,9 +119,15 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _lr_find(args: argparse.Namespace) -> None:
-    from dtl.lr_finder import lr_range_test
-    from dtl.run_config import load_config
+    from pathlib import Path
 
+    from dtl.lr_finder import lr_range_test
+    from dtl.run_config import ConfigError, load_config
+
+    if args.start_lr >= args.end_lr:
+        raise ConfigError(f"--start-lr {args.start_lr:g} must be below --end-lr {args.end_lr:g} (the test raises the rate)")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out}: is a file; give a folder for lr_find.png and lr_find.json")
     cfg = load_config(args.config, args.overrides)
     r = lr_range_test(cfg, args.stage, args.start_lr, args.end_lr, args.steps, args.out)
     out = args.out or cfg.output_dir
@@ -220,8 +236,8 @@ def _add_model_commands(sub) -> None:
                                    "lr_find.png and lr_find.json.")
     f.add_argument("--config", "-c", required=True, help="the run config")
     f.add_argument("--stage", type=int, default=0, help="which stage of the plan (0: the first)")
-    f.add_argument("--start-lr", type=float, default=1e-7, help="first head learning rate")
-    f.add_argument("--end-lr", type=float, default=10.0, help="last head learning rate")
+    f.add_argument("--start-lr", type=_positive_float, default=1e-7, help="first head learning rate")
+    f.add_argument("--end-lr", type=_positive_float, default=10.0, help="last head learning rate")
     f.add_argument("--steps", type=_int_at_least(1), default=100, help="most batches")
     f.add_argument("--out", help="folder for lr_find.png (default: the config's output_dir)")
     f.add_argument("overrides", nargs="*", help="dotted config overrides")

@@ -58,10 +58,18 @@ def expand_hostlist(spec: str) -> list[str]:
     return hosts
 
 
+def _int(value, where: str) -> int:
+    """An integer from the Slurm environment or an accelerate config, or one line naming where."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise LaunchError(f"{where}={value!r}: not an integer") from None
+
+
 def gpus_per_node(env: Mapping[str, str]) -> int:
     """GPUs Slurm gave this node (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES), else what CUDA sees."""
     if env.get("SLURM_GPUS_ON_NODE"):  # set only when GPUs were allocated, unlike the request SLURM_GPUS_PER_NODE
-        return int(env["SLURM_GPUS_ON_NODE"])
+        return _int(env["SLURM_GPUS_ON_NODE"], "SLURM_GPUS_ON_NODE")
     if env.get("CUDA_VISIBLE_DEVICES") not in (None, ""):
         return len(env["CUDA_VISIBLE_DEVICES"].split(","))
     try:
@@ -87,7 +95,7 @@ def job_nodes(env: Mapping[str, str]) -> list[str]:
     """Host names of the job's nodes (this host alone outside Slurm)."""
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     nodes = expand_hostlist(nodelist) if nodelist else [env.get("HOSTNAME", "localhost")]
-    if env.get("SLURM_NNODES") and int(env["SLURM_NNODES"]) != len(nodes):
+    if env.get("SLURM_NNODES") and _int(env["SLURM_NNODES"], "SLURM_NNODES") != len(nodes):
         raise LaunchError(f"SLURM_NNODES={env['SLURM_NNODES']} but the node list {nodelist!r} names {len(nodes)}")
     return nodes
 
@@ -98,14 +106,14 @@ def job_layout(env: Mapping[str, str], accelerate_config: dict, procs_per_node: 
     nodes = job_nodes(env)
     if procs_per_node is None:
         gpus = gpus_per_node(env)
-        procs_per_node = gpus if gpus > 0 else int(accelerate_config.get("num_processes", 1)) // max(
-            1, int(accelerate_config.get("num_machines", 1)))
+        procs_per_node = gpus if gpus > 0 else _int(accelerate_config.get("num_processes", 1), "num_processes") // max(
+            1, _int(accelerate_config.get("num_machines", 1), "num_machines"))
     if procs_per_node < 1:
         raise LaunchError("no GPUs on this node and no --procs-per-node: nothing to launch")
     if port is None and env.get("MASTER_PORT"):
-        port = int(env["MASTER_PORT"])
+        port = _int(env["MASTER_PORT"], "MASTER_PORT")
     if port is None and len(nodes) > 1:  # every node must compute the same one; jobs sharing a node differ
-        port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        port = 20000 + _int(env.get("SLURM_JOB_ID", "0"), "SLURM_JOB_ID") % 20000
     main_ip = env.get("MASTER_ADDR") or nodes[0]
     return JobLayout(nodes, procs_per_node, main_ip, port)
 
@@ -132,7 +140,29 @@ def node_command(layout: JobLayout, node_rank: int, accelerate_config: Path, tra
 def _read_accelerate_config(path: Path) -> dict:
     if not path.is_file():
         raise LaunchError(f"accelerate config {path} not found (see launch/*.yaml)")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LaunchError(f"accelerate config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(loaded, dict):
+        raise LaunchError(f"accelerate config {path}: top level must be a mapping, got {type(loaded).__name__}")
+    for key in ("num_processes", "num_machines"):
+        if key in loaded:
+            _int(loaded[key], f"accelerate config {path}: {key}")
+    return loaded
+
+
+def _check_train_args(train_args: list[str]) -> None:
+    """Validate dtl/train.py's arguments (its config and overrides) as the training would."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", "-c")
+    p.add_argument("overrides", nargs="*")
+    known, unknown = p.parse_known_args(train_args)
+    if unknown:
+        raise LaunchError(f"dtl/train.py does not take {' '.join(unknown)} (it takes --config FILE and key=value)")
+    from dtl.run_config import load_config
+
+    load_config(known.config, known.overrides)
 
 
 def main(argv: Optional[list[str]] = None, env: Optional[Mapping[str, str]] = None) -> int:
@@ -153,6 +183,7 @@ def main(argv: Optional[list[str]] = None, env: Optional[Mapping[str, str]] = No
             raise LaunchError("nothing to train: give dtl/train.py's arguments after --")
         acc_path = args.accelerate_config or default_accelerate_config(len(job_nodes(env)), env)
         layout = job_layout(env, _read_accelerate_config(acc_path), args.procs_per_node, args.port)
+        _check_train_args(train_args)  # a bad config fails here once, not on every node's every rank
         if args.dry_run:
             print(f"# {len(layout.nodes)} node(s) x {layout.procs_per_node} process(es); rendezvous "
                   f"{layout.main_ip}:{layout.port or 'any free port'}")
@@ -161,8 +192,8 @@ def main(argv: Optional[list[str]] = None, env: Optional[Mapping[str, str]] = No
             return 0
         if len(layout.nodes) > 1 and "SLURM_NODEID" not in env:
             raise LaunchError("a multi-node job must run this once per node inside `srun --ntasks-per-node=1`")
-        cmd = node_command(layout, int(env.get("SLURM_NODEID", "0")), acc_path, train_args)
-    except LaunchError as e:
+        cmd = node_command(layout, _int(env.get("SLURM_NODEID", "0"), "SLURM_NODEID"), acc_path, train_args)
+    except DtlError as e:
         print(f"dtl launch: error: {e}", file=sys.stderr)
         return 2
     print(f"dtl launch [{env.get('SLURMD_NODENAME', layout.nodes[0])}]: {shlex.join(cmd)}", flush=True)

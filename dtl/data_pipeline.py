@@ -132,25 +132,32 @@ def check_ramp_bounds(ramp: Optional[ProgressiveResizeConfig], final: int) -> No
 
 
 def check_training_sizes(model: torch.nn.Module, backbone: str, final: int,
-                         ramp: Optional[ProgressiveResizeConfig], epochs: int) -> None:
-    """Refuse a ramp the model cannot take, before anything is written: a backbone with a fixed
-    input size (the patch grid of timm's and torchvision's ViTs) would otherwise fail on the ramp's
-    first batch, after the probe. One blank image per size, in eval mode."""
-    if ramp is None:
-        return
-    check_ramp_bounds(ramp, final)
+                         ramp: Optional[ProgressiveResizeConfig], epochs: int,
+                         head_module: Optional[str] = None) -> None:
+    """Refuse an input size the model cannot take, before anything is written: one blank image per
+    training size, in eval mode. A backbone with a fixed input size (the patch grid of timm's and
+    torchvision's ViTs), or a `model.head_module` that is not the classifier (the new head then
+    meets feature maps), would otherwise fail on the first batch, after the probe."""
+    if ramp is not None:
+        check_ramp_bounds(ramp, final)
+    sizes = training_sizes(final, ramp, epochs) if ramp is not None else [final]
     p = next(model.parameters())
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for size in [s for s in training_sizes(final, ramp, epochs) if s != final]:
+            for size in sorted(set(sizes), key=lambda s: s != final):  # the final size first
                 try:
                     model(torch.zeros(1, 3, size, size, dtype=p.dtype, device=p.device))
                 except Exception as e:  # noqa: BLE001 - any failure means this size cannot train
                     first = (str(e).strip().splitlines() or [""])[0][:160]
-                    raise ConfigError(f"data.progressive_resize: {backbone} does not take {size}x{size} inputs "
-                                      f"({type(e).__name__}: {first}); every size of the ramp must be one the "
+                    key = "data.img_size" if size == final else "data.progressive_resize"
+                    if head_module:
+                        raise ConfigError(f"model.head_module={head_module} (or {key}): {backbone} with its head "
+                                          f"there fails on a {size}x{size} image ({type(e).__name__}: {first}); "
+                                          f"name the module the classifier's input comes through") from None
+                    raise ConfigError(f"{key}: {backbone} does not take {size}x{size} inputs "
+                                      f"({type(e).__name__}: {first}); every training size must be one the "
                                       f"backbone takes (ViTs: multiples of the patch size, or only the size "
                                       f"they were built for)") from None
     finally:
@@ -235,10 +242,16 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
         return build_transform({**pre, "input_size": (pre["input_size"][0], at, at)}, True, d.augment,
                                uint8=d.normalize_on_device)
 
-    def stream(split: Optional[str], train: bool) -> Optional[ShardStream]:
+    def stream(split: Optional[str], train: bool, key: str = "train_split") -> Optional[ShardStream]:
         if not has_split(split, index, d.shards):
             if train:
                 split_source(d.root, split or "train", index, d.shards, d.samples)  # raises, naming the split
+            if split is not None and split != DataConfig.model_fields[key].default:
+                have = sorted({*(index or {}).get("splits", {}), *d.shards})
+                raise DataError(f"data.{key}={split!r}: {d.root} has no such split; it has {have}")
+            if split is not None and rank == 0:  # the default name, absent from this dataset: say so once
+                warnings.warn(f"data.{key}={split!r}: {d.root} has no such split, so the run goes without "
+                              f"(data.{key}=null says that on purpose)", stacklevel=2)
             return None
         source = split_source(d.root, split, index, d.shards, d.samples)
         repeats = None
@@ -253,7 +266,8 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
         tf = train_transform(size) if train else build_transform(pre, False, d.augment)
         return ShardStream(source, tf, opts, rank, world_size, d.num_workers)
 
-    data = Data(classes, stream(d.train_split, True), stream(d.val_split, False), stream(d.test_split, False),
+    data = Data(classes, stream(d.train_split, True), stream(d.val_split, False, "val_split"),
+                stream(d.test_split, False, "test_split"),
                 d.batch_size, d.eval_batch_size or d.batch_size, d.num_workers, d.worker_start,
                 finishing(d.augment_on)(pre["mean"], pre["std"]), size, d.progressive_resize, train_transform)
     if rank == 0:

@@ -7,6 +7,7 @@ merged tree. Every problem is reported at once, by dotted key, before any work s
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -23,7 +24,9 @@ class ConfigError(DtlError, ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a setting (optim.lr=.inf trained to NaN losses and wrote a summary.json
+    # that is not JSON)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentConfig(_Strict):
@@ -156,6 +159,13 @@ class HeadConfig(_Strict):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each hidden layer")
     binary: bool = Field(False, description="two classes as one sigmoid logit trained with BCE")
 
+    @field_validator("hidden")
+    @classmethod
+    def _widths(cls, hidden: list[int]) -> list[int]:
+        if any(w < 1 for w in hidden):
+            raise ValueError(f"every hidden layer needs at least 1 unit, got {hidden}")
+        return hidden
+
 
 class ModelConfig(_Strict):
     backbone: str = Field(..., description="timm model name, or torchvision/NAME")
@@ -251,6 +261,9 @@ class FinetuneConfig(_Strict):
             raise ValueError(f"stage epochs must be strictly increasing, got {starts}")
         if self.group_lrs is not None and self.lr_range is not None:
             raise ValueError("set at most one of group_lrs and lr_range")
+        if self.lr_range is not None and not 0 < self.lr_range[0] <= self.lr_range[1]:
+            raise ValueError(f"lr_range=[low, high] needs 0 < low <= high (low: the input's rate, high: the "
+                             f"head's), got {list(self.lr_range)}")
         return self
 
 
@@ -321,7 +334,7 @@ class EvalConfig(_Strict):
 
 class Config(_Strict):
     output_dir: str = Field("runs/default", description="the run directory: config, metrics, checkpoints, exports")
-    seed: int = Field(0, description="seeds the split written by `prepare`, the model init, shuffling, augmentation")
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds the split written by `prepare`, the model init, shuffling, augmentation")
     epochs: int = Field(5, ge=0, description="epochs in all, over every stage (0: only the probe, if on, and the test)")
     mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = Field(
         None, description="unset: what `accelerate launch` says (launch/*.yaml, --mixed_precision), else 'no'")
@@ -360,6 +373,12 @@ class Config(_Strict):
             raise ValueError(f"data.progressive_resize.end_epoch={ramp.end_epoch} must be below epochs={self.epochs} "
                              f"(0-based): training would never reach data.img_size, the size it is validated "
                              f"and tested at")
+        if self.checkpoint.patience and self.data.val_split is None:
+            raise ValueError("checkpoint.patience stops on a validation metric, and data.val_split is null: "
+                             "set a validation split or unset checkpoint.patience")
+        if self.finetune.probe.enabled and self.model.head.hidden:
+            raise ValueError(f"finetune.probe trains a linear head, and model.head.hidden={self.model.head.hidden} "
+                             f"asks for an MLP: disable one of them")
         if self.data.class_weights and self.data.balanced_sampling:
             raise ValueError("data.class_weights and data.balanced_sampling both correct for class imbalance "
                              "(one in the loss, one in the stream): choose one")
@@ -375,34 +394,57 @@ def _fields_at(loc: tuple) -> list[str]:
     """Valid keys of the sub-model at `loc` (for 'did you mean')."""
     model: Any = Config
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sub-models: the list's model stays
+            continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             break
-        ann = field.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        model = _sub_model(field.annotation)
         if model is None:
             return []
     return list(getattr(model, "model_fields", {}))
+
+
+def _sub_model(ann: Any) -> Any:
+    """The BaseModel inside an annotation: itself, Optional[M], list[M] (else None)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()):
+        found = _sub_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _key(loc: tuple) -> str:
+    """The user's dotted key of an error location, without pydantic's union-branch parts
+    (`literal['all']`, `list[tuple[str, str]]`, `function-after[...]`)."""
+    return ".".join(str(p) for p in loc if not _UNION_BRANCH.fullmatch(str(p)))
+
+
+_UNION_BRANCH = re.compile(r"[\w-]+\[.*\]|str|int|float|bool")
 
 
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"])
-        key = ".".join(str(p) for p in loc)
+        key = _key(loc)
         if e["type"] == "extra_forbidden":
             valid = _fields_at(loc[:-1])
             near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), near[0]])}'?)" if near else ""
-            lines.append(f"  {key}: unknown key{hint}; valid keys here: {', '.join(valid)}")
+            lines.append(f"{key}: unknown key{hint}" + (f"; valid keys here: {', '.join(valid)}" if valid else ""))
         elif e["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
+            lines.append(f"{key}: required key is missing")
         elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a check across keys: its
             msg = e["msg"].removeprefix("Value error, ")                       # message names them
-            lines.append(f"  {key}: {msg}" if key else f"  {msg}")
+            lines.append(f"{key}: {msg}" if key else msg)
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg}" if e["type"] == "value_error" else f"{key}: {msg} (got {e.get('input')!r})")
+    lines = list(dict.fromkeys(lines))  # a union reports one failure per branch
+    return "; ".join(line.replace("\n", " ") for line in lines)
 
 
 def load_config(path: Optional[str | Path], overrides: list[str] | None = None) -> Config:
@@ -415,23 +457,54 @@ def load_config(path: Optional[str | Path], overrides: list[str] | None = None) 
             p = Path(path)
             if not p.is_file():
                 raise ConfigError(f"config file not found: {p}")
-            loaded = yaml.safe_load(p.read_text()) or {}
+            try:
+                loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{p}: not a UTF-8 text (YAML) file ({e.reason} at byte {e.start})") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
             base = OmegaConf.create(loaded)
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {_one_line(e)}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_one_line(e)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            OmegaConf.from_dotlist([item])
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise ConfigError(f"override {item!r}: not a valid value: {_one_line(e)}") from None
+    try:
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
         tree = OmegaConf.to_container(merged, resolve=True)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{source}: {e}") from None
+    except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that names nothing
+        where = f"{source} with overrides {overrides}" if overrides else source
+        raise ConfigError(f"{where}: {_one_line(e)}") from None
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(f"invalid config ({source}):\n{_format(e)}") from None
+        raise ConfigError(f"invalid config ({source}): {_format(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    """A YAML or OmegaConf message (several lines: the context, a caret, full_key, object_type) as one."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and set(line.strip()) != {"^"}]
+    return " ".join(line for line in lines if not line.startswith(("full_key:", "object_type=")))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys without a word: two `optim:` blocks in one
+    file silently lose the first. Refuse them instead."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def dump_config(cfg: Config) -> str:

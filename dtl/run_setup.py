@@ -143,12 +143,13 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     resume_from, saved = _find_resume(accelerator, cfg, out)
     model, classes, plan, pre = _build_model(accelerator, cfg)
     state = _train_state(cfg, classes, plan, saved, resume_from)  # raises before anything is written
+    if resume_from is not None:
+        ckpt.check_resumable(resume_from, model)
     _check_prior_head(cfg, model, len(classes))
-    _write_config(accelerator, cfg, out, resume_from)
-
-    data = build_data(cfg, pre, classes, accelerator.process_index, accelerator.num_processes,
+    data = build_data(cfg, pre, classes, accelerator.process_index, accelerator.num_processes,  # checks the splits
                       error_log=str(out / f"bad_samples.rank{accelerator.process_index}.jsonl"),
                       retry_log=str(out / f"shard_retries.rank{accelerator.process_index}.jsonl"))
+    _write_config(accelerator, cfg, out, resume_from)
     if cfg.data.augment_on == "device" and accelerator.device.type != "cuda" and accelerator.is_main_process:
         warnings.warn(f"data.augment_on=device on a {accelerator.device.type} run: the crops (and with "
                       f"decode_on=device the decoding) move from the loader workers into the training "
@@ -304,7 +305,8 @@ def _build_model(accelerator: Accelerator, cfg: Config) -> tuple[nn.Module, list
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.output_dir) / "weights_report.json").write_text(json.dumps(report, indent=1) + "\n")
     pre = preprocessing(model, cfg.data.img_size, cfg.data.crop_pct)
-    check_training_sizes(model, cfg.model.backbone, pre["input_size"][-1], cfg.data.progressive_resize, cfg.epochs)
+    check_training_sizes(model, cfg.model.backbone, pre["input_size"][-1], cfg.data.progressive_resize, cfg.epochs,
+                         cfg.model.head_module)
     if cfg.model.channels_last and not is_sharded(accelerator):
         model = model.to(memory_format=torch.channels_last)  # FSDP flattens parameters: left as they are
     groups = layer_groups(model, cfg.finetune.groups, cfg.finetune.group_regex)

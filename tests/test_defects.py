@@ -270,3 +270,117 @@ def test_an_evaluation_reads_its_split_once_and_dtl_warnings_are_one_line(tmp_pa
     assert warnings.formatwarning("skipped: x", UserWarning, where.__file__, 1) == "dtl: warning: skipped: x\n"
     python = warnings.formatwarning("x", UserWarning, "/elsewhere/mod.py", 7)
     assert python.startswith("/elsewhere/mod.py:7: UserWarning: x")
+
+
+@pytest.mark.parametrize("text, overrides, said", [
+    (b"\xff\xfeoptim: {}\n", [], "not a UTF-8 text (YAML) file"),
+    (b"optim:\n  lr: 0.5\nseed: 1\noptim:\n  weight_decay: 0.05\n", [], "duplicate key 'optim'"),
+    (b"seed: 1\n", ["seed=-1"], "seed: Input should be greater than or equal to 0"),
+    (b"seed: 1\n", ["optim.lr=.inf"], "optim.lr: Input should be a finite number"),
+    (b"seed: 1\n", ["finetune.stages=[{epoch: 0, train: 1, lrmult: 2}]"],
+     "finetune.stages.0.lrmult: unknown key (did you mean 'finetune.stages.0.lr_mult'?); valid keys here: epoch, "
+     "train, lr_mult"),
+    (b"seed: 1\n", ["data.progressive_resize.start=3"], "valid keys here: start_size, start_epoch, end_epoch"),
+    (b"seed: 1\n", ["model.weights_map=3"], "model.weights_map: Input should be 'positional'"),
+    (b"seed: 1\n", ["finetune.stages=[{epoch: 0"], "override 'finetune.stages=[{epoch: 0': not a valid value"),
+    (b"seed: 1\n", ["model.head.hidden=[0]"], "model.head.hidden: every hidden layer needs at least 1 unit, got [0]"),
+    (b"seed: 1\n", ["finetune.lr_range=[0.1,0.01]"], "lr_range=[low, high] needs 0 < low <= high"),
+    (b"seed: 1\n", ["checkpoint.patience=1", "data.val_split=null"], "checkpoint.patience stops on a validation"),
+    (b"seed: 1\n", ["finetune.probe.enabled=true", "model.head.hidden=[8]"], "finetune.probe trains a linear head"),
+])
+def test_config_mistakes_are_one_line_naming_the_file_or_key(tmp_path, text, overrides, said):
+    """Found by an independent check: a non-UTF-8 file and seed=-1 were tracebacks, a duplicate block
+    silently lost its first copy, lr=.inf trained to NaN, hints were empty inside lists and optional
+    sub-configs, and a broken override was blamed on the config file."""
+    from dtl.run_config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text + b"data: {root: x}\nmodel: {backbone: test_efficientnet}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    msg = str(e.value)
+    assert said in msg and "\n" not in msg and "literal[" not in msg, msg
+    if not overrides:
+        assert str(path) in msg
+
+
+def test_a_damaged_checkpoint_or_changed_head_is_refused_before_anything_is_written(tmp_path, shard_dir):
+    """Found by an independent check: a cut model.safetensors or optimizer.bin and a changed model.head
+    were tracebacks after config.yaml had been rewritten, and a cut RNG file resumed silently (no
+    longer bitwise)."""
+    cfg = tiny_config(tmp_path, shard_dir, epochs=2, stop_after_steps=2)
+    train(Config.model_validate(cfg))
+    out, (ck,) = tmp_path / "run", list((tmp_path / "run" / "checkpoints").glob("ckpt-*"))
+    cfg["stop_after_steps"] = None
+    for name, extra, said in (("model.safetensors", {}, "unreadable checkpoint file"),
+                              ("optimizer.bin", {}, "unreadable checkpoint file (truncated or damaged"),
+                              ("random_states_0.pkl", {}, "unreadable checkpoint file (truncated or damaged"),
+                              (None, {"model": {**cfg["model"], "head": {"hidden": [8]}}},
+                               "belongs to another model (a changed model.head setting?): missing")):
+        if name:
+            whole = (ck / name).read_bytes()
+            (ck / name).write_bytes(whole[: len(whole) // 2])
+        before = _files(out)
+        with pytest.raises(CheckpointError, match=re.escape(str(ck / (name or "model.safetensors")))) as e:
+            train(Config.model_validate({**cfg, **extra}))
+        assert said in str(e.value) and _files(out) == before
+        if name:
+            (ck / name).write_bytes(whole)
+    assert train(Config.model_validate(cfg)).summary["epochs_trained"] == 2  # the mended checkpoint resumes
+
+
+def test_splits_sizes_and_heads_that_cannot_work_are_refused_before_writing(tmp_path, shard_dir):
+    """Found by an independent check: data.val_split/test_split naming no split ran without them, in
+    silence; a model.head_module that is not the classifier and a ViT size off its patch grid failed
+    mid-run (tracebacks)."""
+    from dtl.dataset_index import DataError
+    from dtl.run_config import ConfigError
+
+    for extra, error, said in (({"data.val_split": "nope"}, DataError, "data.val_split='nope': "),
+                               ({"data.test_split": "nope"}, DataError, "has no such split; it has ['test', 'train', 'val']"),
+                               ({"model.head_module": "blocks"}, ConfigError, "model.head_module=blocks (or data.img_size)"),
+                               ({"model.backbone": "test_vit", "data.img_size": 40}, ConfigError,
+                                "data.img_size: test_vit does not take 40x40 inputs")):
+        with pytest.raises(error, match=re.escape(said)):
+            train(Config.model_validate(tiny_config(tmp_path, shard_dir, **extra)))
+        assert not (tmp_path / "run").exists()
+    shutil.copytree(shard_dir, tmp_path / "noval")
+    index = json.loads((tmp_path / "noval" / "dataset.json").read_text())
+    del index["splits"]["val"]
+    (tmp_path / "noval" / "dataset.json").write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match="data.val_split='val': .* has no such split, so the run goes without"):
+        train(Config.model_validate(tiny_config(tmp_path, tmp_path / "noval", epochs=1)))
+
+
+def test_damaged_weight_files_and_export_metadata_are_one_line(tmp_path, shard_dir, image_folder):
+    """Found by an independent check: a cut .safetensors as model.pretrained, and an export whose dtl
+    metadata lacks its classes or is not JSON, were tracebacks; a .pth holding a pickled module
+    printed torch's seven-line advice."""
+    from safetensors.torch import load_file, save_file
+
+    from dtl.backbones import BackboneError
+    from dtl.checkpoints import read_export_meta
+
+    train(Config.model_validate(tiny_config(tmp_path, shard_dir, epochs=1)))
+    weights = tmp_path / "run" / "model.safetensors"
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(weights.read_bytes()[:1000])
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
+    for path in (cut, tmp_path / "module.pth"):
+        with pytest.raises(BackboneError, match=re.escape(f"{path}: not a loadable weights file")) as e:
+            train(Config.model_validate(tiny_config(tmp_path, shard_dir, **{"model.pretrained": str(path),
+                                                                             "output_dir": str(tmp_path / "w")})))
+        assert "\n" not in str(e.value)
+    tensors = load_file(str(weights))
+    meta = read_export_meta(weights)
+    for name, dtl_meta, said in (("noclasses", json.dumps({k: v for k, v in meta.items() if k != "classes"}),
+                                  "its dtl metadata lacks classes"),
+                                 ("notjson", "{not json", "its dtl metadata is not valid JSON"),
+                                 ("twoclasses", json.dumps({**meta, "classes": ["a", "b"]}),
+                                  "weights do not fit its metadata (test_efficientnet, 2 classes): shapes differ")):
+        bad = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(bad), metadata={"dtl": dtl_meta})
+        r = subprocess.run([sys.executable, "-m", "dtl.cli", "predict", str(bad), str(image_folder / "circle")],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and said in r.stderr and str(bad) in r.stderr, r.stderr[-1500:]
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr

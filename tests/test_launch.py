@@ -84,7 +84,7 @@ def test_dry_run_prints_each_nodes_command_for_a_two_node_job():
 
 
 def test_dry_run_single_node_and_bad_environments():
-    r = _dry_run({"SLURM_JOB_NODELIST": "n1", "SLURM_GPUS_ON_NODE": "8"}, "--", "--config", "c.yaml")
+    r = _dry_run({"SLURM_JOB_NODELIST": "n1", "SLURM_GPUS_ON_NODE": "8"}, "--", "--config", "configs/quickstart.yaml")
     assert "node_ddp_bf16.yaml" in r.stdout and "--num_processes 8" in r.stdout
     assert "--machine_rank" not in r.stdout
     r = _dry_run({"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "3"}, "--", "--config", "c.yaml")
@@ -95,6 +95,16 @@ def test_dry_run_single_node_and_bad_environments():
     assert r.returncode == 2 and "nothing to train" in r.stderr
     r = _dry_run({"SLURM_JOB_NODELIST": "gpu[a-b]"}, "--", "--config", "c.yaml")
     assert r.returncode == 2 and "cannot read the node list 'gpu[a-b]'" in r.stderr
+    # what the job would train is checked too, and a bad number in the environment is named (was: tracebacks)
+    quick = ("--", "--config", "configs/quickstart.yaml")
+    for env, args, said in (({}, ("--", "--config", "c.yaml"), "config file not found: c.yaml"),
+                            ({}, (*quick, "optim.lrr=1"), "optim.lrr: unknown key (did you mean 'optim.lr'?)"),
+                            ({}, (*quick, "--confg", "x"), "does not take --confg"),
+                            ({"SLURM_GPUS_ON_NODE": "abc"}, quick, "SLURM_GPUS_ON_NODE='abc': not an integer"),
+                            ({"MASTER_PORT": "abc"}, quick, "MASTER_PORT='abc': not an integer"),
+                            ({}, ("-a", "pyproject.toml", *quick), "pyproject.toml: not valid YAML")):
+        r = _dry_run(env, *args)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1500:])
 
 
 @pytest.mark.timeout(300)
