@@ -53,10 +53,13 @@ def _shards(args: argparse.Namespace) -> None:
 
 def _groups(args: argparse.Namespace) -> None:
     from dtl.backbones import create_classifier
-    from dtl.layer_groups import describe_groups, layer_groups
+    from dtl.layer_groups import GroupingError, describe_groups, layer_groups
 
     model = create_classifier(args.model, args.num_classes, pretrained=False)
-    groups = layer_groups(model, "fine" if args.fine else "coarse", args.regex or None)
+    try:
+        groups = layer_groups(model, "fine" if args.fine else "coarse", args.regex or None)
+    except GroupingError as e:  # the config key's message, about the option given here
+        raise GroupingError(str(e).replace("finetune.group_regex", "--regex")) from None
     how = "by your regexes" if args.regex else ("fine" if args.fine else "coarse")
     print(f"{args.model}: {len(groups)} layer groups ({how}), input -> head")
     print(describe_groups(model, groups))
