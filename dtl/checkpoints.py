@@ -158,17 +158,25 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def check_resumable(path: str | Path, model: nn.Module) -> None:
+def check_resumable(path: str | Path, model: nn.Module, ema: bool = False) -> None:
     """Refuse, before anything is written, a checkpoint whose files do not read back or whose
     weights do not fit this model (a changed head keeps backbone, classes and groups, so only the
     tensors tell): accelerate would fail mid-load with a traceback (or, for the RNG states, carry on
     silently and lose the bitwise resume). Safetensors are checked by their header (names, shapes,
-    the file covering its data); accelerate's torch.save files by the zip container's CRCs."""
+    the file covering its data); accelerate's torch.save files by their zip directory, which sits at
+    the end (a cut file has none). FSDP's sharded folders are left to their loader."""
     import zipfile
 
     from safetensors import safe_open
 
     path = Path(path)
+    names = {p.name for p in path.iterdir()}
+    lacking = [n for n in ("model.safetensors", *([EMA_FILE] if ema else []))
+               if n not in names and not any(m.startswith("pytorch_model_fsdp") for m in names)]
+    if lacking:
+        raise CheckpointError(f"{path}: no {' or '.join(lacking)} in this checkpoint (incomplete, or written "
+                              f"{'without ema.enabled' if lacking[-1] == EMA_FILE else 'by another tool'}); resume "
+                              f"from another checkpoint with resume=PATH")
     shared = _shared_keys(model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for file in sorted(path.iterdir()):
@@ -181,16 +189,16 @@ def check_resumable(path: str | Path, model: nn.Module) -> None:
                                       f"earlier checkpoint with resume=PATH, or remove this one") from None
             misfit = _misfit(shapes, expected, shared) if file.name in ("model.safetensors", EMA_FILE) else None
             if misfit:
-                raise CheckpointError(f"{file} belongs to another model (a changed model.head setting?): {misfit}")
+                raise CheckpointError(f"{file} belongs to another model (a changed model.* setting, e.g. model.head?): {misfit}")
         elif file.suffix in (".bin", ".pkl", ".pt", ".pth"):
+            with open(file, "rb") as f:
+                if f.read(4) != b"PK\x03\x04":
+                    continue  # not torch's zip format (its legacy one): left to the loader
             try:
-                with zipfile.ZipFile(file) as z:
-                    bad = z.testzip()
+                zipfile.ZipFile(file).close()
             except (zipfile.BadZipFile, OSError) as e:
-                bad = _first_line(e)
-            if bad is not None:
-                raise CheckpointError(f"{file}: unreadable checkpoint file (truncated or damaged: {bad}); resume "
-                                      f"from an earlier checkpoint with resume=PATH, or remove this one")
+                raise CheckpointError(f"{file}: unreadable checkpoint file (truncated or damaged: {_first_line(e)}); "
+                                      f"resume from an earlier checkpoint with resume=PATH, or remove this one") from None
 
 
 def _shared_keys(model: nn.Module) -> set[str]:

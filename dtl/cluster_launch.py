@@ -157,6 +157,8 @@ def _check_train_args(train_args: list[str]) -> None:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", "-c")
     p.add_argument("overrides", nargs="*")
+    if {"-h", "--help"} & set(train_args):
+        return  # dtl/train.py prints its help
     known, unknown = p.parse_known_args(train_args)
     if unknown:
         raise LaunchError(f"dtl/train.py does not take {' '.join(unknown)} (it takes --config FILE and key=value)")

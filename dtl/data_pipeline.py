@@ -15,6 +15,7 @@ from dtl.run_config import AugmentConfig, Config, ConfigError, DataConfig, Progr
 from dtl.shard_fetch import RetryPolicy, ShardCache
 from dtl.shard_stream import (ShardStream, StreamOptions, balanced_repeats, batches_per_epoch, close_loader,
                               make_loader)
+from dtl.user_errors import DtlWarning
 
 DROP_WARN_FRACTION = 0.05
 
@@ -140,6 +141,9 @@ def check_training_sizes(model: torch.nn.Module, backbone: str, final: int,
     meets feature maps), would otherwise fail on the first batch, after the probe."""
     if ramp is not None:
         check_ramp_bounds(ramp, final)
+    fixed_grid = getattr(model, "patch_embed", None) is not None or hasattr(model, "image_size")  # timm's, torchvision's ViTs
+    if ramp is None and not head_module and not fixed_grid:
+        return  # any size goes through a CNN; the blank forward would only cost a large model's startup
     sizes = training_sizes(final, ramp, epochs) if ramp is not None else [final]
     p = next(model.parameters())
     was_training = model.training
@@ -156,7 +160,7 @@ def check_training_sizes(model: torch.nn.Module, backbone: str, final: int,
                         raise ConfigError(f"model.head_module={head_module} (or {key}): {backbone} with its head "
                                           f"there fails on a {size}x{size} image ({type(e).__name__}: {first}); "
                                           f"name the module the classifier's input comes through") from None
-                    raise ConfigError(f"{key}: {backbone} does not take {size}x{size} inputs "
+                    raise ConfigError(f"{key}: {backbone} fails on a blank {size}x{size} image "
                                       f"({type(e).__name__}: {first}); every training size must be one the "
                                       f"backbone takes (ViTs: multiples of the patch size, or only the size "
                                       f"they were built for)") from None
@@ -251,7 +255,7 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
                 raise DataError(f"data.{key}={split!r}: {d.root} has no such split; it has {have}")
             if split is not None and rank == 0:  # the default name, absent from this dataset: say so once
                 warnings.warn(f"data.{key}={split!r}: {d.root} has no such split, so the run goes without "
-                              f"(data.{key}=null says that on purpose)", stacklevel=2)
+                              f"(data.{key}=null says that on purpose)", DtlWarning, stacklevel=2)
             return None
         source = split_source(d.root, split, index, d.shards, d.samples)
         repeats = None
@@ -304,7 +308,7 @@ def warn_dropped_samples(stream: ShardStream, batch_size: int, world_size: int) 
     warnings.warn(f"split {stream.source.name!r}: {dropped} of {total} training samples ({dropped / total:.0%}) "
                   f"are left out of every epoch: each of {world_size} rank(s) x {workers} worker(s) "
                   f"reads {total // (world_size * workers)} samples and delivers only whole batches of "
-                  f"{batch_size}; {hint}", stacklevel=2)
+                  f"{batch_size}; {hint}", DtlWarning, stacklevel=2)
 
 
 def class_weights(stream: ShardStream, num_classes: int, power: float = 1.0) -> torch.Tensor:

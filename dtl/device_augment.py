@@ -32,6 +32,7 @@ from PIL import Image
 from dtl.data_pipeline import DeviceNormalize
 from dtl.dataset_index import DataError
 from dtl.shard_stream import image_bytes, load_rgb
+from dtl.user_errors import DtlWarning
 
 JPEG, RAW = 0, 1            # how an image travels: encoded JPEG bytes, or decoded uint8 HWC RGB
 HFLIP, VFLIP, ROT90 = 1, 2, 4
@@ -166,7 +167,8 @@ class DeviceAugment(DeviceNormalize):
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as e:  # an image nvJPEG cannot take fails the whole batch: this batch one by one
-                warnings.warn(f"nvJPEG failed on a batch ({str(e).splitlines()[0][:120]}); decoding it image by image")
+                warnings.warn(f"nvJPEG failed on a batch ({str(e).splitlines()[0][:120]}); decoding it image by image",
+                              DtlWarning)
         out = []
         for v, i in zip(views, index):
             img = self._nvjpeg_or_none(v, device) if device.type == "cuda" else None

@@ -86,7 +86,9 @@ def evaluate(accelerator: Accelerator, strategy: ParallelStrategy, model: torch.
     source = data.loader(stream) if cached is None else cached[0]
     # tqdm.auto's bar calls iter() on what it wraps, then iterates it again: a DataLoader handed to it
     # started its workers twice, and the abandoned first pass decoded (and logged bad samples) in vain
-    batches = on_device(tqdm(iter(source), desc=split, leave=False, disable=progress_bars_off(accelerator)), dev,
+    total = len(source) if isinstance(source, list) else None  # cached batches: the bar knows its end
+    batches = on_device(tqdm(iter(source), total=total, desc=split, leave=False,
+                             disable=progress_bars_off(accelerator)), dev,
                         channels_last, data.normalize)
     with torch.no_grad():
         while True:

@@ -7,9 +7,9 @@ merged tree. Every problem is reported at once, by dotted key, before any work s
 from __future__ import annotations
 
 import difflib
-import re
+import types
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from omegaconf import OmegaConf
@@ -417,12 +417,32 @@ def _sub_model(ann: Any) -> Any:
 
 
 def _key(loc: tuple) -> str:
-    """The user's dotted key of an error location, without pydantic's union-branch parts
-    (`literal['all']`, `list[tuple[str, str]]`, `function-after[...]`)."""
-    return ".".join(str(p) for p in loc if not _UNION_BRANCH.fullmatch(str(p)))
+    """The user's dotted key of an error location. Where the schema has a union (model.pretrained:
+    bool or str; a stage's train: int or 'all'), pydantic adds the branch it tried (`bool`,
+    `literal['all']`) to the location: that part is dropped, every part the user wrote is kept."""
+    parts: list[str] = []
+    model: Any = Config
+    branch_next = False
+    for part in loc:
+        if branch_next:
+            branch_next = False
+            continue
+        parts.append(str(part))
+        if isinstance(part, int):  # an item of a list of sub-models: the list's model stays
+            continue
+        field = getattr(model, "model_fields", {}).get(part) if model is not None else None
+        if field is None:
+            model = None  # a key of a dict, or an unknown one: no schema below it
+            continue
+        branch_next = _is_union(field.annotation)
+        model = _sub_model(field.annotation)
+    return ".".join(parts)
 
 
-_UNION_BRANCH = re.compile(r"[\w-]+\[.*\]|str|int|float|bool")
+def _is_union(ann: Any) -> bool:
+    """Several non-None alternatives (Optional[X] alone is not: pydantic tags no branch for it)."""
+    return get_origin(ann) in (Union, types.UnionType) and \
+        len([a for a in get_args(ann) if a is not type(None)]) > 1
 
 
 def _format(err: ValidationError) -> str:
@@ -458,7 +478,8 @@ def load_config(path: Optional[str | Path], overrides: list[str] | None = None) 
             if not p.is_file():
                 raise ConfigError(f"config file not found: {p}")
             try:
-                loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+                with p.open(encoding="utf-8") as text:  # a stream: YAML's messages name the file
+                    loaded = yaml.load(text, Loader=_UniqueKeyLoader) or {}
             except UnicodeDecodeError as e:
                 raise ConfigError(f"{p}: not a UTF-8 text (YAML) file ({e.reason} at byte {e.start})") from None
             if not isinstance(loaded, dict):
@@ -500,8 +521,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, it is not a key
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class says so, as a YAML error
+                break
+            if duplicate:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)

@@ -43,6 +43,7 @@ from dtl.run_finish import model_build
 from dtl.run_events import Events, Observer
 from dtl.run_observers import Console, MetricsFile, TensorBoardFigures, TrackerRows, WandbTracker, wandb_settings
 from dtl.run_report import RunReport
+from dtl.user_errors import DtlWarning
 
 
 @dataclass
@@ -144,16 +145,19 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
     model, classes, plan, pre = _build_model(accelerator, cfg)
     state = _train_state(cfg, classes, plan, saved, resume_from)  # raises before anything is written
     if resume_from is not None:
-        ckpt.check_resumable(resume_from, model)
+        ckpt.check_resumable(resume_from, model, ema=cfg.ema.enabled)
     _check_prior_head(cfg, model, len(classes))
     data = build_data(cfg, pre, classes, accelerator.process_index, accelerator.num_processes,  # checks the splits
                       error_log=str(out / f"bad_samples.rank{accelerator.process_index}.jsonl"),
                       retry_log=str(out / f"shard_retries.rank{accelerator.process_index}.jsonl"))
     _write_config(accelerator, cfg, out, resume_from)
+    report = getattr(accelerator.unwrap_model(model), "dtl_weights_report", None)
+    if report is not None and accelerator.is_main_process:  # written with config.yaml: after every check
+        (out / "weights_report.json").write_text(json.dumps(report, indent=1) + "\n")
     if cfg.data.augment_on == "device" and accelerator.device.type != "cuda" and accelerator.is_main_process:
         warnings.warn(f"data.augment_on=device on a {accelerator.device.type} run: the crops (and with "
                       f"decode_on=device the decoding) move from the loader workers into the training "
-                      f"process, which only pays on a GPU", stacklevel=2)
+                      f"process, which only pays on a GPU", DtlWarning, stacklevel=2)
     steps_per_epoch = _steps_per_epoch(cfg, data)
     strategy = ParallelStrategy(accelerator, cfg.finetune.ddp_rewrap)
     state.stage = plan.stage_at(state.epoch).index
@@ -301,9 +305,6 @@ def _build_model(accelerator: Accelerator, cfg: Config) -> tuple[nn.Module, list
         accelerator.print(f"weights: {report['loaded']} tensors loaded from {report['source']}; not loaded: the new "
                           f"head ({len(report['not_loaded_head'])} tensors), {len(report['unused_in_file'])} file "
                           f"tensors nothing maps to {report['unused_in_file'][:6]}")
-        if accelerator.is_main_process:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.output_dir) / "weights_report.json").write_text(json.dumps(report, indent=1) + "\n")
     pre = preprocessing(model, cfg.data.img_size, cfg.data.crop_pct)
     check_training_sizes(model, cfg.model.backbone, pre["input_size"][-1], cfg.data.progressive_resize, cfg.epochs,
                          cfg.model.head_module)

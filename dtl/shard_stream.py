@@ -48,6 +48,7 @@ from dtl.dataset_index import (IMAGE_EXTENSIONS, DataError, SplitSource, expand_
 from dtl.shard_fetch import RetryPolicy, read_with_retries
 from dtl.tar_members import tar_members
 from dtl.worker_server import STOP_SIGNALS, start_worker_server, worker_context  # noqa: F401 (re-exported)
+from dtl.user_errors import DtlWarning
 
 IMAGE_FIELDS = IMAGE_EXTENSIONS
 
@@ -195,7 +196,7 @@ class ShardStream(IterableDataset):
         if source.counts is None and len(source.urls) < self.slots:
             warnings.warn(f"split {source.name!r}: {len(source.urls)} shards for {self.slots} rank x worker "
                           f"slots; every slot reads every shard and keeps every {self.slots}-th sample "
-                          f"(exact, but reads the data {self.slots} times). Write more shards.")
+                          f"(exact, but reads the data {self.slots} times). Write more shards.", DtlWarning)
 
     # -- epoch bookkeeping (shared with the workers) ----------------------------------------
     def _set(self, i: int, value) -> None:
@@ -357,7 +358,7 @@ class ShardStream(IterableDataset):
                                         "key": key if lost == 1 else None,
                                         "position": None if position is None else position + i,
                                         "reason": reason}) + "\n")
-        warnings.warn(f"skipped: {msg}")
+        warnings.warn(f"skipped: {msg}", DtlWarning)
         if self._errors > self.opt.max_errors:
             raise DataError(f"more than data.max_errors={self.opt.max_errors} bad samples in split "
                             f"{self.source.name!r} (one worker); last: {msg}")
@@ -418,7 +419,7 @@ class ShardStream(IterableDataset):
                 yield item
         if filled and self._errors:  # (balanced sampling falls short or over by design)
             warnings.warn(f"split {self.source.name!r} slot {slot}: filled {filled} skipped samples "
-                          f"with samples from later in the epoch")
+                          f"with samples from later in the epoch", DtlWarning)
 
 
 def _collate(batch: list[tuple[Any, int, str]]) -> dict:

@@ -6,7 +6,6 @@ Anything else is a bug in dtl and keeps its traceback.
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 import warnings
@@ -17,15 +16,19 @@ _WORKER_TRACEBACK = re.compile(r"Caught \w+ in DataLoader worker process \d+\.")
 _QUALIFIED = re.compile(r"^(?:[\w.]+\.)?\w+(?:Error|Exception): ")
 
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _python_format = warnings.formatwarning
 
 
+class DtlWarning(UserWarning):
+    """dtl's own advice to the user (a UserWarning, so filters and `pytest.warns` treat it as one)."""
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """dtl's own advice (a UserWarning raised in dtl/) reads `dtl: warning: ...` on one line, like
-    its errors, without Python's file:line prefix and the echoed `warnings.warn(...)` source line;
-    every other warning keeps Python's format. Installed on import, so DataLoader workers get it too."""
-    if category is UserWarning and os.path.abspath(filename).startswith(_PACKAGE):
+    """dtl's own warnings read `dtl: warning: ...` on one line, like its errors, without Python's
+    file:line prefix and the echoed `warnings.warn(...)` source line; every other warning (torch's
+    raised from a line of dtl's included) keeps Python's format. Installed on import, so DataLoader
+    workers get it too."""
+    if issubclass(category, DtlWarning):
         return f"dtl: warning: {message}\n"
     return _python_format(message, category, filename, lineno, line)
 

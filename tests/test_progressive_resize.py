@@ -68,7 +68,7 @@ def test_a_ramp_the_model_or_the_epochs_cannot_take_is_refused_before_anything_i
 
     ramp = {"start_size": 16, "end_epoch": 2, "multiple": 8}
     vit = tiny_config(tmp_path, shard_dir, **{"model.backbone": "test_vit", "data.progressive_resize": ramp})
-    with pytest.raises(ConfigError, match=r"test_vit does not take (16x16|24x24) inputs .* every training size must be one the backbone takes"):
+    with pytest.raises(ConfigError, match=r"test_vit fails on a blank (16x16|24x24) image .* every training size must be one the backbone takes"):
         train(Config.model_validate(vit))
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="end_epoch=3 must be below epochs=3"):
