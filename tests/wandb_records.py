@@ -16,7 +16,26 @@ BLOCK = 32768
 HEADER = 7
 
 
-def read_records(path: str | Path) -> list:
+def read_records(path: str | Path, wait_s: float = 60.0) -> list:
+    """Every record of the run file. W&B's service may still be writing when `wandb.finish()` has
+    returned (seen under load: the last history row missing from a file read at once), so the file
+    is read again until it holds its `exit` record, for at most `wait_s`."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            records = _parse(path)
+        except Exception:  # a record cut mid-write
+            if time.monotonic() > deadline:
+                raise
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def _parse(path: str | Path) -> list:
     data = Path(path).read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
     pos, pending, records = HEADER, b"", []
