@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from dtl.user_errors import DtlError
+from dtl.user_errors import DtlError, first_line
 
 TORCHVISION_PREFIX = "torchvision/"
 
@@ -122,12 +122,6 @@ def _create_timm(name: str, pretrained: bool, num_classes: int, drop_rate: float
     return model
 
 
-def _first_line(e: BaseException) -> str:
-    """An exception's first non-empty line, without terminal colour codes."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
-
-
 def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors or .pth file; .pth is loaded with weights_only=True."""
     path = Path(path)
@@ -138,12 +132,12 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
         try:
             sd = load_file(str(path))
         except Exception as e:
-            raise BackboneError(f"{path}: not a loadable weights file ({type(e).__name__}: {_first_line(e)})") from None
+            raise BackboneError(f"{path}: not a loadable weights file ({type(e).__name__}: {first_line(e)})") from None
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch's weights_only refusal is a page of advice: its first line says it
-            raise BackboneError(f"{path}: not a loadable weights file ({type(e).__name__}: {_first_line(e)}); "
+            raise BackboneError(f"{path}: not a loadable weights file ({type(e).__name__}: {first_line(e)}); "
                                 f"dtl reads .pth files with weights_only=True: save a state dict "
                                 f"(torch.save(model.state_dict(), ...)) or safetensors") from None
         for wrapper in ("state_dict", "model", "model_state_dict"):

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dtl.user_errors import DtlError
+from dtl.user_errors import DtlError, first_line
 
 STATE_FILE = "train_state.json"
 _NAME = re.compile(r"^ckpt-(\d{8})$")
@@ -154,10 +154,6 @@ def read_train_state(path: str | Path) -> TrainState:
         raise CheckpointError(f"{path}: not a dtl checkpoint ({e})") from None
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def check_resumable(path: str | Path, model: nn.Module, ema: bool = False) -> None:
     """Refuse, before anything is written, a checkpoint whose files do not read back or whose
     weights do not fit this model (a changed head keeps backbone, classes and groups, so only the
@@ -170,22 +166,24 @@ def check_resumable(path: str | Path, model: nn.Module, ema: bool = False) -> No
     from safetensors import safe_open
 
     path = Path(path)
-    names = {p.name for p in path.iterdir()}
+    files = sorted(path.iterdir())
+    names = {f.name for f in files}
     lacking = [n for n in ("model.safetensors", *([EMA_FILE] if ema else []))
                if n not in names and not any(m.startswith("pytorch_model_fsdp") for m in names)]
     if lacking:
         raise CheckpointError(f"{path}: no {' or '.join(lacking)} in this checkpoint (incomplete, or written "
                               f"{'without ema.enabled' if lacking[-1] == EMA_FILE else 'by another tool'}); resume "
                               f"from another checkpoint with resume=PATH")
-    shared = _shared_keys(model)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for file in sorted(path.iterdir()):
+    state = model.state_dict()
+    shared = _shared_keys(state)
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    for file in files:
         if file.suffix == ".safetensors":
             try:
                 with safe_open(str(file), framework="pt") as f:
                     shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             except Exception as e:
-                raise CheckpointError(f"{file}: unreadable checkpoint file ({_first_line(e)}); resume from an "
+                raise CheckpointError(f"{file}: unreadable checkpoint file ({first_line(e)}); resume from an "
                                       f"earlier checkpoint with resume=PATH, or remove this one") from None
             misfit = _misfit(shapes, expected, shared) if file.name in ("model.safetensors", EMA_FILE) else None
             if misfit:
@@ -197,14 +195,14 @@ def check_resumable(path: str | Path, model: nn.Module, ema: bool = False) -> No
             try:
                 zipfile.ZipFile(file).close()
             except (zipfile.BadZipFile, OSError) as e:
-                raise CheckpointError(f"{file}: unreadable checkpoint file (truncated or damaged: {_first_line(e)}); "
+                raise CheckpointError(f"{file}: unreadable checkpoint file (truncated or damaged: {first_line(e)}); "
                                       f"resume from an earlier checkpoint with resume=PATH, or remove this one") from None
 
 
-def _shared_keys(model: nn.Module) -> set[str]:
-    """Names of tensors that share storage with another (safetensors keeps one of them)."""
+def _shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
+    """Names of a state dict's tensors that share storage with another (safetensors keeps one of them)."""
     seen: dict[tuple, list[str]] = {}
-    for k, v in model.state_dict().items():
+    for k, v in state.items():
         if v.device.type != "meta" and v.numel():
             seen.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
     return {k for names in seen.values() if len(names) > 1 for k in names}
@@ -283,10 +281,11 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
                                   factory=meta.get("factory"), aux_logits=bool(meta.get("aux_logits")),
                                   head_module=meta.get("head_module"), global_pool=meta.get("global_pool"))
     except DtlError as e:  # e.g. a backbone this install lacks: say which file asked for it
-        raise CheckpointError(f"{path}: {str(e).strip().splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: {first_line(e)}") from None
     sd = load_file(str(path))
+    state = model.state_dict()
     misfit = _misfit({k: tuple(v.shape) for k, v in sd.items()},
-                     {k: tuple(v.shape) for k, v in model.state_dict().items()}, _shared_keys(model))
+                     {k: tuple(v.shape) for k, v in state.items()}, _shared_keys(state))
     if misfit:
         raise CheckpointError(f"{path}: weights do not fit its metadata ({meta['backbone']}, "
                               f"{len(meta['classes'])} classes): {misfit}")

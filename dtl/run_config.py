@@ -392,16 +392,7 @@ class Config(_Strict):
 
 def _fields_at(loc: tuple) -> list[str]:
     """Valid keys of the sub-model at `loc` (for 'did you mean')."""
-    model: Any = Config
-    for part in loc:
-        if isinstance(part, int):  # an item of a list of sub-models: the list's model stays
-            continue
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            break
-        model = _sub_model(field.annotation)
-        if model is None:
-            return []
+    model = _walk(loc)[1]
     return list(getattr(model, "model_fields", {}))
 
 
@@ -417,9 +408,15 @@ def _sub_model(ann: Any) -> Any:
 
 
 def _key(loc: tuple) -> str:
-    """The user's dotted key of an error location. Where the schema has a union (model.pretrained:
-    bool or str; a stage's train: int or 'all'), pydantic adds the branch it tried (`bool`,
-    `literal['all']`) to the location: that part is dropped, every part the user wrote is kept."""
+    """The user's dotted key of an error location."""
+    return ".".join(_walk(loc)[0])
+
+
+def _walk(loc: tuple) -> tuple[list[str], Any]:
+    """Follow an error location through the schema: (the parts the user wrote, the sub-model reached,
+    None once below a dict or an unknown key). Where the schema has a union (model.pretrained: bool
+    or str; a stage's train: int or 'all'), pydantic adds the branch it tried (`bool`,
+    `literal['all']`) to the location: that part is dropped."""
     parts: list[str] = []
     model: Any = Config
     branch_next = False
@@ -436,7 +433,7 @@ def _key(loc: tuple) -> str:
             continue
         branch_next = _is_union(field.annotation)
         model = _sub_model(field.annotation)
-    return ".".join(parts)
+    return parts, model
 
 
 def _is_union(ann: Any) -> bool:

@@ -151,7 +151,7 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
                       error_log=str(out / f"bad_samples.rank{accelerator.process_index}.jsonl"),
                       retry_log=str(out / f"shard_retries.rank{accelerator.process_index}.jsonl"))
     _write_config(accelerator, cfg, out, resume_from)
-    report = getattr(accelerator.unwrap_model(model), "dtl_weights_report", None)
+    report = getattr(model, "dtl_weights_report", None)  # the bare model: prepare() comes later
     if report is not None and accelerator.is_main_process:  # written with config.yaml: after every check
         (out / "weights_report.json").write_text(json.dumps(report, indent=1) + "\n")
     if cfg.data.augment_on == "device" and accelerator.device.type != "cuda" and accelerator.is_main_process:

@@ -54,6 +54,14 @@ def error_line(exc: BaseException) -> str:
     return text
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line without terminal colour codes (else its type's name): a
+    library's message can be a page (torch's weights_only refusal, safetensors' header errors), and
+    dtl's error is one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+
+
 def print_error(exc: BaseException) -> int:
     """Print `dtl: error: ...` on stderr; returns the exit code (2)."""
     print(f"dtl: error: {error_line(exc)}", file=sys.stderr, flush=True)
