@@ -13,6 +13,7 @@ import pytest
 import torch
 import webdataset as wds
 
+import wandb_records
 from conftest import CLASSES, encode, make_image, tiny_config
 from dtl.checkpoints import CheckpointError
 from dtl.run_config import Config
@@ -50,6 +51,7 @@ def test_rerunning_a_finished_run_is_refused_and_changes_nothing(tmp_path, shard
     cfg = tiny_config(tmp_path, shard_dir, epochs=1, **{"wandb.enabled": True, "wandb.project": "dtl-test"})
     train(Config.model_validate(cfg))
     out = tmp_path / "run"
+    wandb_records.read_records(next(out.glob("wandb/offline-run-*/run-*.wandb")))  # W&B's service has finished it
     before = _files(out)
     with pytest.raises(FinishedRunError, match="is a finished run .*nothing was run or changed; its results are in"):
         train(Config.model_validate(cfg))
