@@ -32,7 +32,7 @@ from PIL import Image
 from dtl.data_pipeline import DeviceNormalize
 from dtl.dataset_index import DataError
 from dtl.shard_stream import image_bytes, load_rgb
-from dtl.user_errors import DtlWarning
+from dtl.user_errors import DtlWarning, first_line
 
 JPEG, RAW = 0, 1            # how an image travels: encoded JPEG bytes, or decoded uint8 HWC RGB
 HFLIP, VFLIP, ROT90 = 1, 2, 4
@@ -167,7 +167,7 @@ class DeviceAugment(DeviceNormalize):
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as e:  # an image nvJPEG cannot take fails the whole batch: this batch one by one
-                warnings.warn(f"nvJPEG failed on a batch ({str(e).splitlines()[0][:120]}); decoding it image by image",
+                warnings.warn(f"nvJPEG failed on a batch ({first_line(e)[:120]}); decoding it image by image",
                               DtlWarning)
         out = []
         for v, i in zip(views, index):
@@ -177,7 +177,7 @@ class DeviceAugment(DeviceNormalize):
                     img = decode_jpeg(v, mode=ImageReadMode.UNCHANGED).to(device, non_blocking=True)
                 except RuntimeError as e:
                     key = batch.keys[i] if i < len(batch.keys) else f"#{i}"
-                    raise DataError(f"sample {key}: undecodable JPEG ({str(e).splitlines()[0][:120]}); with "
+                    raise DataError(f"sample {key}: undecodable JPEG ({first_line(e)[:120]}); with "
                                     f"data.decode_on=workers, data.on_error=skip would skip it") from None
             out.append(img)
         return out

@@ -28,6 +28,30 @@ class _Strict(BaseModel):
     # that is not JSON)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_swap(cls, v: Any, info) -> Any:
+        """pydantic's lax mode reads `true` as 1 and `1` as true: `data.batch_size=true` trained with
+        batches of one. A boolean is refused where the key takes a number and not a boolean, and a
+        number where it takes a boolean and not a number (in lists too)."""
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        for item in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(item, bool) and bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"expected a number, got {str(item).lower()}")
+            if isinstance(item, (int, float)) and not isinstance(item, bool) and bool in kinds \
+                    and not kinds & {int, float}:
+                raise ValueError(f"expected true or false{' or a name' if str in kinds else ''}, got {item!r}")
+        return v
+
+
+def _scalar_kinds(ann: Any) -> set[type]:
+    """The scalar types an annotation admits, through Optional, unions, lists, tuples and Literals."""
+    if get_origin(ann) is Literal:
+        return {type(a) for a in get_args(ann)}
+    if isinstance(ann, type) and get_origin(ann) is None:
+        return {ann}
+    return set().union(*(_scalar_kinds(a) for a in get_args(ann) if a is not Ellipsis)) if get_args(ann) else set()
+
 
 class AugmentConfig(_Strict):
     hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")

@@ -46,8 +46,8 @@ class ShardCache:
     ends inside the shard) does not cache it; the slot that reads it to the end does."""
 
     def __init__(self, root: str, max_bytes: int):
-        self.root, self.max_bytes = Path(root), max_bytes
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root, self.max_bytes = Path(root), max_bytes  # made with the first shard it keeps: a run
+        # refused for a bad config or split leaves nothing behind
 
     def path(self, url: str) -> Path:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]
@@ -62,6 +62,7 @@ class ShardCache:
             return None
 
     def partial(self, url: str) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
         return self.path(url).with_name(f".{self.path(url).name}.{os.getpid()}.partial")
 
     def commit(self, tmp: Path, url: str) -> None:
@@ -70,7 +71,7 @@ class ShardCache:
 
     def evict(self, keep: Optional[Path] = None) -> None:
         files = []
-        for p in self.root.iterdir():
+        for p in self.root.iterdir() if self.root.is_dir() else ():
             if not p.name.startswith(".") and p.is_file():
                 try:
                     st = p.stat()

@@ -293,11 +293,16 @@ def test_an_evaluation_reads_its_split_once_and_dtl_warnings_are_one_line(tmp_pa
     (b"seed: 1\n", ["finetune.lr_range=[0.1,0.01]"], "lr_range=[low, high] needs 0 < low <= high"),
     (b"seed: 1\n", ["checkpoint.patience=1", "data.val_split=null"], "checkpoint.patience stops on a validation"),
     (b"seed: 1\n", ["finetune.probe.enabled=true", "model.head.hidden=[8]"], "finetune.probe trains a linear head"),
+    (b"seed: 1\n", ["data.batch_size=true"], "data.batch_size: expected a number, got true"),
+    (b"seed: 1\n", ["model.head.hidden=[8, false]"], "model.head.hidden: expected a number, got false"),
+    (b"seed: 1\n", ["model.pretrained=1"], "model.pretrained: expected true or false or a name, got 1"),
+    (b"seed: 1\n", ["wandb.enabled=0"], "wandb.enabled: expected true or false, got 0"),
 ])
 def test_config_mistakes_are_one_line_naming_the_file_or_key(tmp_path, text, overrides, said):
     """Found by an independent check: a non-UTF-8 file and seed=-1 were tracebacks, a duplicate block
     silently lost its first copy, lr=.inf trained to NaN, hints were empty inside lists and optional
-    sub-configs, and a broken override was blamed on the config file."""
+    sub-configs, a broken override was blamed on the config file, and pydantic's lax mode read
+    `data.batch_size=true` as batches of one and `model.pretrained=1` as true."""
     from dtl.run_config import ConfigError, load_config
 
     path = tmp_path / "c.yaml"
@@ -339,19 +344,20 @@ def test_a_damaged_checkpoint_or_changed_head_is_refused_before_anything_is_writ
 
 def test_splits_sizes_and_heads_that_cannot_work_are_refused_before_writing(tmp_path, shard_dir):
     """Found by an independent check: data.val_split/test_split naming no split ran without them, in
-    silence; a model.head_module that is not the classifier and a ViT size off its patch grid failed
-    mid-run (tracebacks)."""
+    silence (and data.cache_dir was made before the split was refused); a model.head_module that is
+    not the classifier and a ViT size off its patch grid failed mid-run (tracebacks)."""
     from dtl.dataset_index import DataError
     from dtl.run_config import ConfigError
 
-    for extra, error, said in (({"data.val_split": "nope"}, DataError, "data.val_split='nope': "),
+    for extra, error, said in (({"data.val_split": "nope", "data.cache_dir": str(tmp_path / "cache")}, DataError,
+                                "data.val_split='nope': "),
                                ({"data.test_split": "nope"}, DataError, "has no such split; it has ['test', 'train', 'val']"),
                                ({"model.head_module": "blocks"}, ConfigError, "model.head_module=blocks (or data.img_size)"),
                                ({"model.backbone": "test_vit", "data.img_size": 40}, ConfigError,
                                 "data.img_size: test_vit fails on a blank 40x40 image")):
         with pytest.raises(error, match=re.escape(said)):
             train(Config.model_validate(tiny_config(tmp_path, shard_dir, **extra)))
-        assert not (tmp_path / "run").exists()
+        assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
     shutil.copytree(shard_dir, tmp_path / "noval")
     index = json.loads((tmp_path / "noval" / "dataset.json").read_text())
     del index["splits"]["val"]
