@@ -23,7 +23,7 @@ from dtl.data_pipeline import build_data, prepare_shards, run_classes
 from dtl.device_batches import as_input
 from dtl.finetune_plan import FinetunePlan, freeze_batchnorm, set_trainable
 from dtl.layer_groups import layer_groups
-from dtl.optimization import param_groups
+from dtl.optimization import param_groups, training_loss
 from dtl.run_config import Config, ConfigError
 
 
@@ -46,7 +46,7 @@ def lr_range_test(cfg: Config, stage_index: int = 0, start_lr: float = 1e-7, end
     pgs = [pg for pg in param_groups(model, plan, cfg.optim.weight_decay) if trainable[pg["layer_group"]]]
     ratios = [pg["lr"] / plan.group_lrs[-1] for pg in pgs]
     optimizer = torch.optim.AdamW(pgs, lr=start_lr)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    criterion = training_loss(cfg, len(classes))
     with closing(build_data(cfg, pre, classes, 0, 1, error_log=None)) as data:
         lrs, losses = _sweep(model, plan, trainable, data, optimizer, ratios, criterion, start_lr, end_lr, steps, cfg)
     suggested = _steepest(lrs, losses)

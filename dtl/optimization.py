@@ -10,14 +10,15 @@ It is a pure function of the step, so a resumed run recomputes exactly the same 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from dtl.finetune_plan import FinetunePlan
-from dtl.run_config import OptimConfig
+from dtl.ordinal_labels import OrdinalSoftLabelLoss
+from dtl.run_config import Config, OptimConfig
 
 
 def _no_weight_decay(model: nn.Module) -> set[str]:
@@ -115,3 +116,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, plan: FinetunePlan, cfg: O
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Current lr of each layer group (decay and no-decay halves share it)."""
     return {f"lr/{pg['layer_group']:02d}_{pg['group_name']}": pg["lr"] for pg in optimizer.param_groups}
+
+
+def training_loss(cfg: Config, num_classes: int, weights: Optional[torch.Tensor] = None) -> nn.Module:
+    """The loss on hard labels: cross-entropy, or with `optim.ordinal_sigma` against ordinal soft labels
+    (label smoothing and class weights apply to both)."""
+    if cfg.optim.ordinal_sigma:
+        return OrdinalSoftLabelLoss(num_classes, cfg.optim.ordinal_sigma, cfg.optim.label_smoothing, weights)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing)

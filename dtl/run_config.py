@@ -310,6 +310,10 @@ class OptimConfig(_Strict):
     grad_accum_steps: int = Field(1, ge=1, description="batches accumulated per optimizer step")
     clip_grad_norm: Optional[float] = Field(None, gt=0, description="clip the gradient norm to this (off when unset)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    ordinal_sigma: Optional[float] = Field(
+        None, gt=0, description="the classes are ordered levels (grades, severities, in data.classes order): train "
+                                "on soft labels spread over the neighbouring levels by a Gaussian of this width, in "
+                                "levels (SORD; e.g. 0.5); off when unset")
 
 
 class EmaConfig(_Strict):
@@ -403,6 +407,9 @@ class Config(_Strict):
         if self.finetune.probe.enabled and self.model.head.hidden:
             raise ValueError(f"finetune.probe trains a linear head, and model.head.hidden={self.model.head.hidden} "
                              f"asks for an MLP: disable one of them")
+        a = self.data.augment
+        if self.optim.ordinal_sigma and (a.mixup or a.cutmix):
+            raise ValueError("optim.ordinal_sigma and data.augment.mixup/cutmix both make soft targets: choose one")
         if self.data.class_weights and self.data.balanced_sampling:
             raise ValueError("data.class_weights and data.balanced_sampling both correct for class imbalance "
                              "(one in the loss, one in the stream): choose one")

@@ -32,7 +32,7 @@ from dtl.data_pipeline import (Data, build_data, check_training_sizes, class_wei
 from dtl.dataset_index import DataError
 from dtl.finetune_plan import FinetunePlan, Stage
 from dtl.layer_groups import layer_groups
-from dtl.optimization import build_optimizer, build_scheduler
+from dtl.optimization import build_optimizer, build_scheduler, training_loss
 from dtl.parallel_strategy import ParallelStrategy, create_accelerator, is_sharded
 from dtl.worker_server import start_worker_server
 from dtl.preemption import PreemptionHandler
@@ -209,7 +209,7 @@ def _prior_offset(cfg: Config, data: Data, device) -> Optional[torch.Tensor]:
 
 
 def _loss(cfg: Config, data: Data, classes: list[str], accelerator: Accelerator) -> tuple[nn.Module, Optional[Mixup]]:
-    """Cross-entropy (class-weighted, label-smoothed as configured), or timm's Mixup with a soft-target loss."""
+    """Cross-entropy (class-weighted, label-smoothed, ordinal as configured), or timm's Mixup with a soft-target loss."""
     aug = cfg.data.augment
     if aug.mixup or aug.cutmix:
         mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mix_prob,
@@ -217,7 +217,7 @@ def _loss(cfg: Config, data: Data, classes: list[str], accelerator: Accelerator)
         return SoftTargetCrossEntropy(), mixup
     weights = (class_weights(data.train, len(classes), cfg.data.class_weight_power).to(accelerator.device)
                if cfg.data.class_weights else None)
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.optim.label_smoothing), None
+    return training_loss(cfg, len(classes), weights), None
 
 
 def _compile(cfg: Config, bare: nn.Module, stages: int, sizes: int = 1) -> None:

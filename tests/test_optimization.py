@@ -53,3 +53,36 @@ def test_every_optimizer_trains_with_group_rates_and_stages(tmp_path, shard_dir,
     result = train(Config.model_validate(cfg))
     loss = result.summary["test/loss"]
     assert result.summary["steps"] == 4 and loss == loss and loss < 1e3  # trained, not NaN
+
+
+def test_ordinal_soft_labels_spread_over_the_neighbouring_levels():
+    """SORD targets: peaked at the true level, symmetric neighbours, farther levels less; label
+    smoothing on top; a narrow Gaussian is plain (smoothed) cross-entropy; class weights weigh each
+    sample by its class, as torch's."""
+    from dtl.ordinal_labels import OrdinalSoftLabelLoss, ordinal_targets
+
+    q = ordinal_targets(4, 0.5)
+    assert torch.allclose(q.sum(1), torch.ones(4)) and (q.argmax(1) == torch.arange(4)).all()
+    assert q[1, 0] == pytest.approx(q[1, 2]) and q[1, 2] > q[1, 3] > 0
+    assert q[0, 1] / q[0, 0] == pytest.approx(float(torch.exp(torch.tensor(-2.0))))  # exp(-1 / (2 * 0.5^2))
+    assert torch.allclose(ordinal_targets(4, 0.5, 0.1), 0.9 * q + 0.025)
+    logits, labels = torch.randn(16, 4), torch.randint(0, 4, (16,))
+    w = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    ce = torch.nn.functional.cross_entropy
+    assert OrdinalSoftLabelLoss(4, 0.05, 0.1)(logits, labels).item() == pytest.approx(
+        ce(logits, labels, label_smoothing=0.1).item(), rel=1e-5)
+    assert OrdinalSoftLabelLoss(4, 0.05, 0.0, w)(logits, labels).item() == pytest.approx(
+        ce(logits, labels, weight=w).item(), rel=1e-5)
+
+
+def test_ordinal_labels_train_and_refuse_mixup(tmp_path, shard_dir):
+    from dtl.run_config import ConfigError, load_config
+
+    cfg = tiny_config(tmp_path, shard_dir, epochs=1, report=False, max_steps_per_epoch=2,
+                      **{"optim.ordinal_sigma": 0.7, "finetune.probe.enabled": True})
+    result = train(Config.model_validate(cfg))
+    assert result.summary["steps"] == 2 and result.summary["test/loss"] < 1e3
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {root: x}\nmodel: {backbone: test_efficientnet}\n")
+    with pytest.raises(ConfigError, match="optim.ordinal_sigma and data.augment.mixup/cutmix both make soft targets"):
+        load_config(path, ["optim.ordinal_sigma=0.5", "data.augment.mixup=0.2"])
