@@ -34,14 +34,20 @@ class _Strict(BaseModel):
         """pydantic's lax mode reads `true` as 1 and `1` as true: `data.batch_size=true` trained with
         batches of one. A boolean is refused where the key takes a number and not a boolean, and a
         number where it takes a boolean and not a number (in lists too)."""
-        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
-        for item in v if isinstance(v, (list, tuple)) else [v]:
+        ann = cls.model_fields[info.field_name].annotation
+        kinds = _scalar_kinds(ann)
+        for item in v if isinstance(v, (list, tuple)) and _takes_list(ann) else [v]:
             if isinstance(item, bool) and bool not in kinds and kinds & {int, float}:
                 raise ValueError(f"expected a number, got {str(item).lower()}")
             if isinstance(item, (int, float)) and not isinstance(item, bool) and bool in kinds \
                     and not kinds & {int, float}:
                 raise ValueError(f"expected true or false{' or a name' if str in kinds else ''}, got {item!r}")
         return v
+
+
+def _takes_list(ann: Any) -> bool:
+    """Whether the annotation admits a list or tuple (Optional and unions looked through)."""
+    return get_origin(ann) in (list, tuple) or any(_takes_list(a) for a in get_args(ann))
 
 
 def _scalar_kinds(ann: Any) -> set[type]:
