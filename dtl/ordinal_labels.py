@@ -17,15 +17,16 @@ from torch import nn
 
 def ordinal_targets(num_classes: int, sigma: float, smoothing: float = 0.0) -> torch.Tensor:
     """Row t: the soft target of true level t (each row sums to 1)."""
-    levels = torch.arange(num_classes, dtype=torch.float32)
-    q = torch.exp(-(levels[:, None] - levels[None, :]) ** 2 / (2 * sigma ** 2))
-    q = q / q.sum(1, keepdim=True)
-    return (1 - smoothing) * q + smoothing / num_classes
+    levels = torch.arange(num_classes, dtype=torch.float64)  # float64 softmax: a tiny sigma is one-hot, not 0/0
+    q = torch.softmax(-0.5 * ((levels[:, None] - levels[None, :]) / sigma) ** 2, dim=1)
+    return ((1 - smoothing) * q + smoothing / num_classes).float()
 
 
 class OrdinalSoftLabelLoss(nn.Module):
-    """Cross-entropy against `ordinal_targets` of the hard labels; with class `weight`, the weighted
-    mean over the batch (as nn.CrossEntropyLoss weighs)."""
+    """Cross-entropy against `ordinal_targets` of the hard labels; with class `weight`, each sample
+    weighs its true class's weight and the batch takes the weighted mean (nn.CrossEntropyLoss does
+    the same without label smoothing; with it, torch weighs the smoothing term by each other class's
+    weight instead). Move it to the logits' device (`.to`), like any module with buffers."""
 
     def __init__(self, num_classes: int, sigma: float, smoothing: float = 0.0,
                  weight: Optional[torch.Tensor] = None):

@@ -33,10 +33,16 @@ class _Strict(BaseModel):
     def _no_bool_number_swap(cls, v: Any, info) -> Any:
         """pydantic's lax mode reads `true` as 1 and `1` as true: `data.batch_size=true` trained with
         batches of one. A boolean is refused where the key takes a number and not a boolean, and a
-        number where it takes a boolean and not a number (in lists too)."""
+        number where it takes a boolean and not a number; in a list's items and a mapping's values by
+        the item's type. A value of another shape is left to pydantic's own message."""
         ann = cls.model_fields[info.field_name].annotation
-        kinds = _scalar_kinds(ann)
-        for item in v if isinstance(v, (list, tuple)) and _takes_list(ann) else [v]:
+        if isinstance(v, (list, tuple)):
+            items, kinds = v, _kinds(ann, "items")
+        elif isinstance(v, dict):
+            items, kinds = v.values(), _kinds(ann, "values")
+        else:
+            items, kinds = [v], _kinds(ann, "scalar")
+        for item in items:
             if isinstance(item, bool) and bool not in kinds and kinds & {int, float}:
                 raise ValueError(f"expected a number, got {str(item).lower()}")
             if isinstance(item, (int, float)) and not isinstance(item, bool) and bool in kinds \
@@ -45,18 +51,19 @@ class _Strict(BaseModel):
         return v
 
 
-def _takes_list(ann: Any) -> bool:
-    """Whether the annotation admits a list or tuple (Optional and unions looked through)."""
-    return get_origin(ann) in (list, tuple) or any(_takes_list(a) for a in get_args(ann))
-
-
-def _scalar_kinds(ann: Any) -> set[type]:
-    """The scalar types an annotation admits, through Optional, unions, lists, tuples and Literals."""
-    if get_origin(ann) is Literal:
-        return {type(a) for a in get_args(ann)}
-    if isinstance(ann, type) and get_origin(ann) is None:
-        return {ann}
-    return set().union(*(_scalar_kinds(a) for a in get_args(ann) if a is not Ellipsis)) if get_args(ann) else set()
+def _kinds(ann: Any, where: str) -> set[type]:
+    """The scalar types an annotation admits `where`: as the value itself ("scalar"), as a list's or
+    tuple's items ("items"), or as a mapping's values ("values"); through Optional, unions, Literals."""
+    origin, args = get_origin(ann), [a for a in get_args(ann) if a is not Ellipsis]
+    if origin is Literal:
+        return {type(a) for a in args} if where == "scalar" else set()
+    if origin in (list, tuple):
+        return set().union(*(_kinds(a, "scalar") for a in args)) if where == "items" else set()
+    if origin is dict:
+        return _kinds(args[1], "scalar") if where == "values" and len(args) == 2 else set()
+    if origin in (Union, types.UnionType):
+        return set().union(*(_kinds(a, where) for a in args))
+    return {ann} if where == "scalar" and isinstance(ann, type) else set()
 
 
 class AugmentConfig(_Strict):

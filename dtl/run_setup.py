@@ -217,7 +217,7 @@ def _loss(cfg: Config, data: Data, classes: list[str], accelerator: Accelerator)
         return SoftTargetCrossEntropy(), mixup
     weights = (class_weights(data.train, len(classes), cfg.data.class_weight_power).to(accelerator.device)
                if cfg.data.class_weights else None)
-    return training_loss(cfg, len(classes), weights), None
+    return training_loss(cfg, len(classes), weights).to(accelerator.device), None  # the ordinal loss has buffers
 
 
 def _compile(cfg: Config, bare: nn.Module, stages: int, sizes: int = 1) -> None:

@@ -47,7 +47,9 @@ class ShardCache:
 
     def __init__(self, root: str, max_bytes: int):
         self.root, self.max_bytes = Path(root), max_bytes  # made with the first shard it keeps: a run
-        # refused for a bad config or split leaves nothing behind
+        # refused for a bad config or split leaves nothing behind; a file in its place is refused now
+        if self.root.exists() and not self.root.is_dir():
+            raise DataError(f"data.cache_dir={root}: is a file, not a folder")
 
     def path(self, url: str) -> Path:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]

@@ -297,6 +297,8 @@ def test_an_evaluation_reads_its_split_once_and_dtl_warnings_are_one_line(tmp_pa
     (b"seed: 1\n", ["model.head.hidden=[8, false]"], "model.head.hidden: expected a number, got false"),
     (b"seed: 1\n", ["model.pretrained=1"], "model.pretrained: expected true or false or a name, got 1"),
     (b"seed: 1\n", ["wandb.enabled=0"], "wandb.enabled: expected true or false, got 0"),
+    (b"seed: 1\n", ["data.samples={train: true}"], "data.samples: expected a number, got true"),
+    (b"seed: 1\n", ["finetune.lr_range=true"], "finetune.lr_range: Input should be a valid tuple"),
 ])
 def test_config_mistakes_are_one_line_naming_the_file_or_key(tmp_path, text, overrides, said):
     """Found by an independent check: a non-UTF-8 file and seed=-1 were tracebacks, a duplicate block
@@ -349,9 +351,11 @@ def test_splits_sizes_and_heads_that_cannot_work_are_refused_before_writing(tmp_
     from dtl.dataset_index import DataError
     from dtl.run_config import ConfigError
 
+    (tmp_path / "afile").write_text("")
     for extra, error, said in (({"data.val_split": "nope", "data.cache_dir": str(tmp_path / "cache")}, DataError,
                                 "data.val_split='nope': "),
                                ({"data.test_split": "nope"}, DataError, "has no such split; it has ['test', 'train', 'val']"),
+                               ({"data.cache_dir": str(tmp_path / "afile")}, DataError, "afile: is a file, not a folder"),
                                ({"model.head_module": "blocks"}, ConfigError, "model.head_module=blocks (or data.img_size)"),
                                ({"model.backbone": "test_vit", "data.img_size": 40}, ConfigError,
                                 "data.img_size: test_vit fails on a blank 40x40 image")):

@@ -73,6 +73,10 @@ def test_ordinal_soft_labels_spread_over_the_neighbouring_levels():
         ce(logits, labels, label_smoothing=0.1).item(), rel=1e-5)
     assert OrdinalSoftLabelLoss(4, 0.05, 0.0, w)(logits, labels).item() == pytest.approx(
         ce(logits, labels, weight=w).item(), rel=1e-5)
+    per_sample = -(ordinal_targets(4, 0.7, 0.1)[labels] * logits.log_softmax(-1)).sum(-1)  # both: by the true class
+    assert OrdinalSoftLabelLoss(4, 0.7, 0.1, w)(logits, labels).item() == pytest.approx(
+        float((per_sample * w[labels]).sum() / w[labels].sum()), rel=1e-6)
+    assert torch.equal(ordinal_targets(4, 1e-30), torch.eye(4))  # one-hot, not 0/0 (NaN)
 
 
 def test_ordinal_labels_train_and_refuse_mixup(tmp_path, shard_dir):
@@ -82,6 +86,14 @@ def test_ordinal_labels_train_and_refuse_mixup(tmp_path, shard_dir):
                       **{"optim.ordinal_sigma": 0.7, "finetune.probe.enabled": True})
     result = train(Config.model_validate(cfg))
     assert result.summary["steps"] == 2 and result.summary["test/loss"] < 1e3
+    from types import SimpleNamespace
+
+    from dtl.ordinal_labels import OrdinalSoftLabelLoss
+    from dtl.run_setup import _loss
+    meta = torch.device("meta")  # stands in for a GPU: the loss's buffers follow the accelerator's device
+    loss, mixup = _loss(Config.model_validate(cfg), None, ["a", "b", "c"], SimpleNamespace(device=meta))
+    assert isinstance(loss, OrdinalSoftLabelLoss) and mixup is None
+    assert {b.device for b in loss.buffers()} == {meta}
     path = tmp_path / "c.yaml"
     path.write_text("data: {root: x}\nmodel: {backbone: test_efficientnet}\n")
     with pytest.raises(ConfigError, match="optim.ordinal_sigma and data.augment.mixup/cutmix both make soft targets"):
