@@ -17,9 +17,10 @@ from torch import nn
 
 def ordinal_targets(num_classes: int, sigma: float, smoothing: float = 0.0) -> torch.Tensor:
     """Row t: the soft target of true level t (each row sums to 1)."""
-    levels = torch.arange(num_classes, dtype=torch.float64)  # float64 softmax: a tiny sigma is one-hot, not 0/0
-    q = torch.softmax(-0.5 * ((levels[:, None] - levels[None, :]) / sigma) ** 2, dim=1)
-    return ((1 - smoothing) * q + smoothing / num_classes).float()
+    levels = torch.arange(num_classes, dtype=torch.float32)
+    q = torch.exp(-(levels[:, None] - levels[None, :]) ** 2 / max(2 * sigma ** 2, 1e-30))  # a tiny sigma: one-hot, not 0/0
+    q = q / q.sum(1, keepdim=True)
+    return (1 - smoothing) * q + smoothing / num_classes
 
 
 class OrdinalSoftLabelLoss(nn.Module):
@@ -32,9 +33,11 @@ class OrdinalSoftLabelLoss(nn.Module):
                  weight: Optional[torch.Tensor] = None):
         super().__init__()
         self.register_buffer("targets", ordinal_targets(num_classes, sigma, smoothing))
-        self.register_buffer("weight", weight if weight is not None else torch.ones(num_classes))
+        self.register_buffer("weight", weight)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         per_sample = -(self.targets[labels] * logits.log_softmax(-1)).sum(-1)
+        if self.weight is None:
+            return per_sample.mean()
         w = self.weight[labels]
         return (per_sample * w).sum() / w.sum()
