@@ -47,9 +47,13 @@ class ShardCache:
 
     def __init__(self, root: str, max_bytes: int):
         self.root, self.max_bytes = Path(root), max_bytes  # made with the first shard it keeps: a run
-        # refused for a bad config or split leaves nothing behind; a file in its place is refused now
-        if self.root.exists() and not self.root.is_dir():
-            raise DataError(f"data.cache_dir={root}: is a file, not a folder")
+        # refused for a bad config or split leaves nothing behind
+        # a file in its place or an unwritable folder above it is refused now, before the run writes
+        existing = next(p for p in (self.root.absolute(), *self.root.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            raise DataError(f"data.cache_dir={root}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise DataError(f"data.cache_dir={root}: {existing} is not writable")
 
     def path(self, url: str) -> Path:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]

@@ -355,7 +355,9 @@ def test_splits_sizes_and_heads_that_cannot_work_are_refused_before_writing(tmp_
     for extra, error, said in (({"data.val_split": "nope", "data.cache_dir": str(tmp_path / "cache")}, DataError,
                                 "data.val_split='nope': "),
                                ({"data.test_split": "nope"}, DataError, "has no such split; it has ['test', 'train', 'val']"),
-                               ({"data.cache_dir": str(tmp_path / "afile")}, DataError, "afile: is a file, not a folder"),
+                               ({"data.cache_dir": str(tmp_path / "afile")}, DataError, "afile is a file, not a folder"),
+                               ({"data.cache_dir": str(tmp_path / "afile" / "sub")}, DataError,
+                                f"{tmp_path / 'afile'} is a file, not a folder"),
                                ({"model.head_module": "blocks"}, ConfigError, "model.head_module=blocks (or data.img_size)"),
                                ({"model.backbone": "test_vit", "data.img_size": 40}, ConfigError,
                                 "data.img_size: test_vit fails on a blank 40x40 image")):
