@@ -28,15 +28,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prior_shift import scores  # noqa: E402
+from prior_shift import decide, export_split  # noqa: E402
 from result_header import result_header, write_result  # noqa: E402
 
 from dtl.checkpoints import load_exported  # noqa: E402
-from dtl.data_pipeline import Data, build_transform  # noqa: E402
-from dtl.dataset_index import read_index, resolve_classes, split_source  # noqa: E402
 from dtl.evaluation import tta_views  # noqa: E402
-from dtl.run_config import AugmentConfig, load_config  # noqa: E402
-from dtl.shard_stream import ShardStream, StreamOptions  # noqa: E402
+from dtl.run_config import load_config  # noqa: E402
 
 WORKERS = 2
 
@@ -48,16 +45,11 @@ def features(run: Path) -> dict:
         return torch.load(path, weights_only=True)
     cfg = load_config(str(run / "config.yaml"), [])
     model, meta = load_exported(str(run / "best.safetensors"))
-    index = read_index(cfg.data.root)
-    classes = resolve_classes(cfg.data.root, None, index)
     head, grab = model.get_classifier(), {}
     head.register_forward_pre_hook(lambda m, a: grab.__setitem__("x", a[0].detach()))
     out = {"W": head.weight.detach().clone(), "b": head.bias.detach().clone()}
     for split, tta in (("train", "none"), ("val", "flips"), ("test", cfg.eval.tta)):
-        stream = ShardStream(split_source(cfg.data.root, split, index, {}, {}),
-                             build_transform(meta["preprocessing"], False, AugmentConfig()),
-                             StreamOptions(classes=classes), 0, 1, WORKERS)
-        data = Data(classes, stream, None, stream, 64, 64, WORKERS)
+        data, stream = export_split(meta, cfg.data.root, split, WORKERS)
         xs, ys = [], []
         with closing(data), torch.no_grad():
             for batch in data.loader(stream):
@@ -72,10 +64,9 @@ def features(run: Path) -> dict:
     return out
 
 
-def decide(W: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict:
+def head_metrics(W: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict:
     """dtl's metrics of the head (W, b) on features x [N, views, D]: softmax averaged over the views."""
-    p = (x @ W.T + b).softmax(-1).mean(1)
-    return {**scores(p.argmax(1), y, W.shape[0]), "loss": round(float(F.nll_loss(p.clamp_min(1e-12).log(), y)), 4)}
+    return decide((x @ W.T + b).softmax(-1).mean(1), y, torch.zeros(W.shape[0]))
 
 
 def refit(x: torch.Tensor, y: torch.Tensor, power: float, wd: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +103,7 @@ def one_run(run: Path) -> dict:
         if p:
             off = p * counts.log()
             heads[f"cRT p{p} wd{wd} +corr"] = (Wn, bn + off - off.mean())
-    return {"run": str(run), "heads": {k: {"val": decide(*h, xv, yv), "test": decide(*h, xt, yt)}
+    return {"run": str(run), "heads": {k: {"val": head_metrics(*h, xv, yv), "test": head_metrics(*h, xt, yt)}
                                        for k, h in heads.items()}}
 
 

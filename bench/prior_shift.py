@@ -34,18 +34,23 @@ from result_header import result_header, write_result  # noqa: E402
 TAUS = [0.0, 0.25, 0.5, 0.75, 1.0, -0.25, -0.5]
 
 
-def split_probs(weights: Path, root: str, split: str, tta: str) -> tuple[torch.Tensor, torch.Tensor]:
-    model, meta = load_exported(str(weights))
+def export_split(meta: dict, root: str, split: str, workers: int = 0) -> tuple[Data, ShardStream]:
+    """One split of `root`, exactly once, with an export's own evaluation transform (64 a batch)."""
     index = read_index(root)
     classes = resolve_classes(root, None, index)
-    acc = Accelerator()
     stream = ShardStream(split_source(root, split, index, {}, {}),
                          build_transform(meta["preprocessing"], False, AugmentConfig()),
-                         StreamOptions(classes=classes), 0, 1, 0)
-    data = Data(classes, stream, None, stream, 64, 64, 0)
+                         StreamOptions(classes=classes), 0, 1, workers)
+    return Data(classes, stream, None, stream, 64, 64, workers), stream
+
+
+def split_probs(weights: Path, root: str, split: str, tta: str) -> tuple[torch.Tensor, torch.Tensor]:
+    model, meta = load_exported(str(weights))
+    acc = Accelerator()
+    data, stream = export_split(meta, root, split)
     with closing(data):
         r = evaluate(acc, ParallelStrategy(acc), acc.prepare_model(model, evaluation_mode=True), data, stream,
-                     len(classes), split, meta["preprocessing"]["input_size"], tta=tta)
+                     len(data.classes), split, meta["preprocessing"]["input_size"], tta=tta)
     return r.probs, r.labels
 
 

@@ -409,6 +409,8 @@ class Config(_Strict):
                              f"got {self.data.batch_size}")
         if (aug.mixup or aug.cutmix) and self.data.class_weights:
             raise ValueError("data.class_weights does not combine with mixup/cutmix (soft targets); choose one")
+        if (aug.mixup or aug.cutmix) and self.optim.ordinal_sigma:
+            raise ValueError("optim.ordinal_sigma and data.augment.mixup/cutmix both make soft targets: choose one")
         ramp = self.data.progressive_resize
         if ramp is not None and ramp.end_epoch >= self.epochs:
             raise ValueError(f"data.progressive_resize.end_epoch={ramp.end_epoch} must be below epochs={self.epochs} "
@@ -420,9 +422,6 @@ class Config(_Strict):
         if self.finetune.probe.enabled and self.model.head.hidden:
             raise ValueError(f"finetune.probe trains a linear head, and model.head.hidden={self.model.head.hidden} "
                              f"asks for an MLP: disable one of them")
-        a = self.data.augment
-        if self.optim.ordinal_sigma and (a.mixup or a.cutmix):
-            raise ValueError("optim.ordinal_sigma and data.augment.mixup/cutmix both make soft targets: choose one")
         if self.data.class_weights and self.data.balanced_sampling:
             raise ValueError("data.class_weights and data.balanced_sampling both correct for class imbalance "
                              "(one in the loss, one in the stream): choose one")

@@ -46,9 +46,9 @@ class ShardCache:
     ends inside the shard) does not cache it; the slot that reads it to the end does."""
 
     def __init__(self, root: str, max_bytes: int):
-        self.root, self.max_bytes = Path(root), max_bytes  # made with the first shard it keeps: a run
-        # refused for a bad config or split leaves nothing behind
-        # a file in its place or an unwritable folder above it is refused now, before the run writes
+        # the folder is made when the first shard streams in (`partial`), so a run refused for a bad
+        # config or split leaves nothing behind; what would stop it from being made is refused now
+        self.root, self.max_bytes = Path(root), max_bytes
         existing = next(p for p in (self.root.absolute(), *self.root.absolute().parents) if p.exists())
         if not existing.is_dir():
             raise DataError(f"data.cache_dir={root}: {existing} is a file, not a folder")
@@ -77,7 +77,7 @@ class ShardCache:
 
     def evict(self, keep: Optional[Path] = None) -> None:
         files = []
-        for p in self.root.iterdir() if self.root.is_dir() else ():
+        for p in self.root.iterdir():  # after a commit: `partial` made the folder
             if not p.name.startswith(".") and p.is_file():
                 try:
                     st = p.stat()
