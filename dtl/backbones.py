@@ -11,7 +11,7 @@ import difflib
 import importlib
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Container, Optional, Union
 
 import torch
 from torch import nn
@@ -148,22 +148,27 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+def state_misfit(found: dict[str, tuple], expected: dict[str, tuple], optional: Container[str] = ()) -> Optional[str]:
+    """How tensors by name and shape (`found`, a file's) fail to fit a model's (`expected`), or None:
+    the one wording of every "these weights are another model's" error. `optional` keys may be missing."""
+    differ = [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}" for k in found
+              if k in expected and tuple(found[k]) != tuple(expected[k])]
+    missing = [k for k in expected if k not in found and k not in optional]
+    unexpected = [k for k in found if k not in expected]
+    return "; ".join(f"{title} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                     for title, keys in (("shape mismatch", differ), ("missing in file", missing),
+                                         ("unexpected", unexpected)) if keys) or None
+
+
 def load_backbone_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Load everything but the head; any other missing, unexpected or mis-shaped key is an error."""
     heads = tuple(h + "." for h in (head_name(model), *getattr(model, "dtl_extra_heads", ())))
-    own = model.state_dict()
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     body = {k: v for k, v in sd.items() if not k.startswith(heads)}
-    missing = [k for k in own if not k.startswith(heads) and k not in body and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in body if k not in own]
-    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in body.items() if k in own and v.shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for title, keys in (("shape mismatch", shapes), ("missing in file", missing), ("unexpected", unexpected)):
-            if keys:
-                parts.append(f"{title} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
-        raise BackboneError(f"{source} does not fit {getattr(model, 'dtl_arch', type(model).__name__)}: "
-                            + "; ".join(parts))
+    misfit = state_misfit({k: tuple(v.shape) for k, v in body.items()}, own,
+                          {k for k in own if k.startswith(heads) or k.endswith("num_batches_tracked")})
+    if misfit:
+        raise BackboneError(f"{source} does not fit {getattr(model, 'dtl_arch', type(model).__name__)}: {misfit}")
     model.load_state_dict(body, strict=False)
 
 

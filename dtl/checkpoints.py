@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dtl.backbones import state_misfit
 from dtl.user_errors import DtlError, first_line
 
 STATE_FILE = "train_state.json"
@@ -185,7 +186,7 @@ def check_resumable(path: str | Path, model: nn.Module, ema: bool = False) -> No
             except Exception as e:
                 raise CheckpointError(f"{file}: unreadable checkpoint file ({first_line(e)}); resume from an "
                                       f"earlier checkpoint with resume=PATH, or remove this one") from None
-            misfit = _misfit(shapes, expected, shared) if file.name in ("model.safetensors", EMA_FILE) else None
+            misfit = state_misfit(shapes, expected, shared) if file.name in ("model.safetensors", EMA_FILE) else None
             if misfit:
                 raise CheckpointError(f"{file} belongs to another model (a changed model.* setting, e.g. model.head?): {misfit}")
         elif file.suffix in (".bin", ".pkl", ".pt", ".pth"):
@@ -206,16 +207,6 @@ def _shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
         if v.device.type != "meta" and v.numel():
             seen.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
     return {k for names in seen.values() if len(names) > 1 for k in names}
-
-
-def _misfit(shapes: dict, expected: dict, shared: set[str]) -> Optional[str]:
-    """How tensors by name and shape (`shapes`) fail to fit a model's (`expected`), or None."""
-    missing = [k for k in expected if k not in shapes and k not in shared]
-    unexpected = [k for k in shapes if k not in expected]
-    differ = [f"{k} {list(shapes[k])} vs {list(expected[k])}" for k in shapes
-              if k in expected and shapes[k] != expected[k]]
-    return "; ".join(f"{name} {items[:4]}" for name, items in
-                     (("missing", missing), ("unexpected", unexpected), ("shapes differ", differ)) if items) or None
 
 
 def check_identity(saved: dict, current: dict, source: str) -> None:
@@ -284,7 +275,7 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
         raise CheckpointError(f"{path}: {first_line(e)}") from None
     sd = load_file(str(path))
     state = model.state_dict()
-    misfit = _misfit({k: tuple(v.shape) for k, v in sd.items()},
+    misfit = state_misfit({k: tuple(v.shape) for k, v in sd.items()},
                      {k: tuple(v.shape) for k, v in state.items()}, _shared_keys(state))
     if misfit:
         raise CheckpointError(f"{path}: weights do not fit its metadata ({meta['backbone']}, "

@@ -67,14 +67,11 @@ def arm_overrides(arm: str, seed: int, out: Path, extra: list[str], full_lr: Opt
 
 
 def _finished_row(out: Path, overrides: list[str], config: str) -> Optional[dict]:
-    """The summary of an earlier compare's run of exactly this arm, when it finished; else None."""
-    import yaml
+    """The summary of an earlier compare's run of this arm with the same settings (`changed_settings`:
+    W&B, workers and the like aside), when it finished; else None."""
+    from dtl.run_config import changed_settings, load_config
 
-    from dtl.run_config import load_config
-
-    if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
-        return None
-    if yaml.safe_load((out / "config.yaml").read_text()) != load_config(config, overrides).model_dump(mode="json"):
+    if not (out / "summary.json").is_file() or changed_settings(out, load_config(config, overrides)) != []:
         return None
     return json.loads((out / "summary.json").read_text())
 

@@ -588,3 +588,23 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
+
+
+# Keys that change how a run is carried out, not what it computes: a rerun differing only in them
+# is the same run.
+HOW_KEYS = ("resume", "wandb.", "data.num_workers", "report")
+
+
+def changed_settings(run_dir: str | Path, cfg: Config) -> Optional[list[str]]:
+    """What `cfg` would compute differently from the run saved in `run_dir` (its config.yaml), as
+    `key: old -> new`, leaving out the keys that change only how a run is carried out; None when
+    the folder holds no readable config. The one test of "is this the same run" for a refused rerun
+    and for `dtl compare`'s read-back arms."""
+    saved_file = Path(run_dir) / "config.yaml"
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    return [c for c in config_changes(saved, cfg.model_dump(mode="json")) if not c.startswith(HOW_KEYS)]

@@ -17,7 +17,7 @@ from dtl.backbones import head_name
 from dtl.classifier_heads import head_spec
 from dtl.evaluation import EvalResult, evaluate
 from dtl.prior_correction import fold_into_bias, output_bias_key, tilt_power
-from dtl.run_config import Config, ConfigError, config_changes
+from dtl.run_config import Config, ConfigError, changed_settings
 
 
 @dataclass
@@ -223,11 +223,6 @@ class FinishedRunError(ConfigError):
     """`output_dir` holds a finished run: a rerun would only repeat or hide its results."""
 
 
-# Keys that change how a run is carried out, not what it computes: a rerun differing only in them
-# is the same run.
-_HOW_KEYS = ("resume", "wandb.", "data.num_workers", "report")
-
-
 def completed_run(cfg: Config) -> None:
     """Refuse a rerun of a finished run, naming the settings it would change; nothing is written.
 
@@ -247,11 +242,7 @@ def completed_run(cfg: Config) -> None:
     if (state.epoch < cfg.epochs and not state.stopped_early) or state.batch_in_epoch or state.identity.get("backbone") != cfg.model.backbone \
             or summary.get("steps") != state.step:
         return
-    import yaml
-
-    saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
-    changed = [c for c in config_changes(saved or {}, cfg.model_dump(mode="json"))
-               if not c.startswith(_HOW_KEYS) and not c.startswith("epochs:")] if saved else []
+    changed = [c for c in changed_settings(out, cfg) or [] if not c.startswith("epochs:")]
     test = f"test acc {summary['test/acc']:.4f}, " if "test/acc" in summary else ""
     early = ", stopped early" if state.stopped_early else ""
     what = f"{out} is a finished run ({state.epoch} epochs{early}, {test}{state.step} steps)"

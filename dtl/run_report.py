@@ -258,6 +258,7 @@ def write_markdown(run, summary: dict, out: Path) -> None:
              f"{len(run.classes)} classes; {s.get('epochs_trained')} epochs, {s.get('steps')} steps, "
              f"{s.get('wall_time_s', 0) / 60:.1f} min; selected weights (best.safetensors): "
              f"{'the probe' if best == 0 else f'epoch {best}'} by {s.get('monitor')}.", "",
+             recipe_line(run.cfg), "",
              "| split | acc | macro-F1 | balanced acc |", "| --- | --- | --- | --- |"]
     for name, prefix in (("test (selected)", "test/"), ("test (final weights)", "test_final/"), ("val (last epoch)", "val/")):
         if f"{prefix}acc" in s:
@@ -265,6 +266,30 @@ def write_markdown(run, summary: dict, out: Path) -> None:
                          f"{s[prefix + 'balanced_acc']:.4f} |")
     lines += ["", "![curves](curves.png)", ""] + _evaluation_lines(out, "test, selected weights")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def recipe_line(cfg) -> str:
+    """One sentence on what shapes the numbers beside it: the training targets, the sampling and the
+    test-time rules, so a reader of the report alone knows what the test accuracy was measured under."""
+    aug, opt, data = cfg.data.augment, cfg.optim, cfg.data
+    if opt.ordinal_sigma:
+        loss = f"ordinal soft labels (SORD, sigma {opt.ordinal_sigma:g} levels)"
+    else:
+        loss = "cross-entropy" + (f", label smoothing {opt.label_smoothing:g}" if opt.label_smoothing else "")
+    mixes = [f"{name} alpha {alpha:g}" for name, alpha in (("mixup", aug.mixup), ("cutmix", aug.cutmix)) if alpha]
+    if mixes:
+        loss += " on " + " / ".join(mixes) + " batches"
+    if data.balanced_sampling:
+        shares = "equal class shares" if data.balanced_sampling == 1 else f"class shares ~ count^{1 - data.balanced_sampling:g}"
+        sampling = f"class-balanced sampling {data.balanced_sampling:g} ({shares})"
+    elif data.class_weights:
+        sampling = "inverse-frequency class weights"
+    else:
+        sampling = "the data's class frequencies"
+    corrected = cfg.eval.prior_correction and (data.balanced_sampling or data.class_weights)
+    test = (f"test-time augmentation: {cfg.eval.tta}"
+            + ("; predictions under the data's class prior (eval.prior_correction)" if corrected else ""))
+    return f"Trained on {loss}, with {sampling}; {test}."
 
 
 def _evaluation_lines(out: Path, what: str) -> list[str]:

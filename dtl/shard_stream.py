@@ -89,7 +89,8 @@ def read_label(sample: dict, label_field: str, num_classes: int, classes: Option
     name, _, sub = label_field.partition(".")
     raw = sample.get(name)
     if raw is None:
-        raise ValueError(f"missing label field {name!r} (fields: {sorted(k for k in sample if not k.startswith('__'))})")
+        fields = sorted(k for k in sample if not k.startswith('__'))
+        raise ValueError(f"missing label field {name!r} (data.label_field={label_field!r}; the sample's fields: {fields})")
     if name == "json":
         value: Any = json.loads(raw)
         for part in sub.split(".") if sub else []:

@@ -397,7 +397,7 @@ def test_damaged_weight_files_and_export_metadata_are_one_line(tmp_path, shard_d
                                   "its dtl metadata lacks classes"),
                                  ("notjson", "{not json", "its dtl metadata is not valid JSON"),
                                  ("twoclasses", json.dumps({**meta, "classes": ["a", "b"]}),
-                                  "weights do not fit its metadata (test_efficientnet, 2 classes): shapes differ")):
+                                  "weights do not fit its metadata (test_efficientnet, 2 classes): shape mismatch (2): classifier.bias: file (3,) vs model (2,)")):
         bad = tmp_path / f"{name}.safetensors"
         save_file(tensors, str(bad), metadata={"dtl": dtl_meta})
         r = subprocess.run([sys.executable, "-m", "dtl.cli", "predict", str(bad), str(image_folder / "circle")],

@@ -130,6 +130,12 @@ def test_dtl_compare_runs_the_three_arms_on_the_same_split(tmp_path, shard_dir):
     assert r.returncode == 0 and r.stderr.count("finished earlier: read back") == 3, r.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in arm_files} == arm_files
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["summary"] == result["summary"]
+    # A setting that changes only how a run is carried out (here: no report) is still the same run.
+    r = subprocess.run([sys.executable, "-m", "dtl.cli", "compare", "--config", str(path), "--out",
+                        str(tmp_path / "cmp"), "--seeds", "0", "--set", "report=false", "data.num_workers=1"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr.count("finished earlier: read back") == 3, r.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in arm_files} == arm_files
 
 
 def test_dtl_compare_refuses_a_bad_config_before_any_arm_trains(tmp_path, shard_dir):

@@ -1,5 +1,6 @@
 """The report on disk: pictures that exist, are non-trivial and have the expected size; CSV and markdown."""
 import csv
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -24,6 +25,24 @@ def test_report_pictures_csv_and_markdown(tmp_path, shard_dir, probe):
     assert len(list(csv.DictReader(open(out / "top_losses.csv")))) == 15  # fewer test images than 16
     md = (out / "report.md").read_text()
     assert f"{summary['test/acc']:.4f}" in md and "![confusion matrix](confusion.png)" in md
+    assert "Trained on cross-entropy, with the data's class frequencies; test-time augmentation: none." in md
+
+
+def test_report_says_what_the_numbers_were_measured_under():
+    from dtl.run_config import load_config
+    from dtl.run_report import recipe_line
+    quick = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    assert recipe_line(load_config(quick)) == (
+        "Trained on cross-entropy, label smoothing 0.1, with class-balanced sampling 0.5 (class shares ~ "
+        "count^0.5); test-time augmentation: flips; predictions under the data's class prior (eval.prior_correction).")
+    assert recipe_line(load_config(quick, [
+        "optim.ordinal_sigma=0.5", "data.balanced_sampling=1", "eval.prior_correction=false"])) == (
+        "Trained on ordinal soft labels (SORD, sigma 0.5 levels), with class-balanced sampling 1 (equal class "
+        "shares); test-time augmentation: flips.")
+    assert recipe_line(load_config(quick, [
+        "data.augment.mixup=0.2", "data.augment.cutmix=1.0", "data.balanced_sampling=0", "optim.label_smoothing=0"])) \
+        == ("Trained on cross-entropy on mixup alpha 0.2 / cutmix alpha 1 batches, with the data's class frequencies; "
+            "test-time augmentation: flips.")
 
 
 def test_dtl_eval_and_predict_at_scale(tmp_path, shard_dir, image_folder):

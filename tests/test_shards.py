@@ -231,6 +231,9 @@ def test_index_command_for_foreign_shards(tmp_path):
     assert [s["count"] for s in index["splits"]["train"]["shards"]] == [4, 4, 2]
     assert index["splits"]["train"]["class_counts"] == [4, 3, 3]
     assert len(_ids(_stream(tmp_path, label_field="txt"))) == 10
+    with pytest.raises(DataError, match=r"sample k0: .*missing label field 'cls' \(data.label_field='cls'; "
+                                        r"the sample's fields: \['jpg', 'txt'\]\)"):
+        _ids(_stream(tmp_path))  # the default field, on shards that carry the label as txt
 
 
 def test_shards_cli_help():
