@@ -276,7 +276,7 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     sd = load_file(str(path))
     state = model.state_dict()
     misfit = state_misfit({k: tuple(v.shape) for k, v in sd.items()},
-                     {k: tuple(v.shape) for k, v in state.items()}, _shared_keys(state))
+                          {k: tuple(v.shape) for k, v in state.items()}, _shared_keys(state))
     if misfit:
         raise CheckpointError(f"{path}: weights do not fit its metadata ({meta['backbone']}, "
                               f"{len(meta['classes'])} classes): {misfit}")

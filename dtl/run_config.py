@@ -591,8 +591,9 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 # Keys that change how a run is carried out, not what it computes: a rerun differing only in them
-# is the same run.
-HOW_KEYS = ("resume", "wandb.", "data.num_workers", "report")
+# is the same run. (data.num_workers is not one: the stream's slots are ranks x workers, so the
+# workers change the order, and with it the results.)
+HOW_KEYS = ("resume", "wandb.", "report")
 
 
 def changed_settings(run_dir: str | Path, cfg: Config) -> Optional[list[str]]:

@@ -271,24 +271,26 @@ def write_markdown(run, summary: dict, out: Path) -> None:
 def recipe_line(cfg) -> str:
     """One sentence on what shapes the numbers beside it: the training targets, the sampling and the
     test-time rules, so a reader of the report alone knows what the test accuracy was measured under."""
+    from dtl.prior_correction import corrects_prior
+
     aug, opt, data = cfg.data.augment, cfg.optim, cfg.data
-    if opt.ordinal_sigma:
-        loss = f"ordinal soft labels (SORD, sigma {opt.ordinal_sigma:g} levels)"
-    else:
-        loss = "cross-entropy" + (f", label smoothing {opt.label_smoothing:g}" if opt.label_smoothing else "")
+    loss = f"ordinal soft labels (SORD, sigma {opt.ordinal_sigma:g} levels)" if opt.ordinal_sigma else "cross-entropy"
+    if opt.label_smoothing:
+        loss += f", label smoothing {opt.label_smoothing:g}"
     mixes = [f"{name} alpha {alpha:g}" for name, alpha in (("mixup", aug.mixup), ("cutmix", aug.cutmix)) if alpha]
     if mixes:
-        loss += " on " + " / ".join(mixes) + " batches"
+        loss += " on " + " / ".join(mixes) + " batches" + (f" (a batch mixed with probability {aug.mix_prob:g})"
+                                                           if aug.mix_prob < 1 else "")
     if data.balanced_sampling:
         shares = "equal class shares" if data.balanced_sampling == 1 else f"class shares ~ count^{1 - data.balanced_sampling:g}"
         sampling = f"class-balanced sampling {data.balanced_sampling:g} ({shares})"
     elif data.class_weights:
-        sampling = "inverse-frequency class weights"
+        sampling = (f"class weights ~ count^-{data.class_weight_power:g}" if data.class_weight_power
+                    else "equal class weights (data.class_weight_power 0)")
     else:
         sampling = "the data's class frequencies"
-    corrected = cfg.eval.prior_correction and (data.balanced_sampling or data.class_weights)
     test = (f"test-time augmentation: {cfg.eval.tta}"
-            + ("; predictions under the data's class prior (eval.prior_correction)" if corrected else ""))
+            + ("; predictions under the data's class prior (eval.prior_correction)" if corrects_prior(cfg) else ""))
     return f"Trained on {loss}, with {sampling}; {test}."
 
 

@@ -95,7 +95,7 @@ def read_label(sample: dict, label_field: str, num_classes: int, classes: Option
         value: Any = json.loads(raw)
         for part in sub.split(".") if sub else []:
             if not isinstance(value, dict) or part not in value:
-                raise ValueError(f"json has no field {sub!r}")
+                raise ValueError(f"json has no field {sub!r} (data.label_field={label_field!r})")
             value = value[part]
     else:
         value = raw.decode("utf-8").strip() if isinstance(raw, bytes) else raw

@@ -329,7 +329,7 @@ def test_a_damaged_checkpoint_or_changed_head_is_refused_before_anything_is_writ
                               ("optimizer.bin", {}, "unreadable checkpoint file (truncated or damaged"),
                               ("random_states_0.pkl", {}, "unreadable checkpoint file (truncated or damaged"),
                               (None, {"model": {**cfg["model"], "head": {"hidden": [8]}}},
-                               "belongs to another model (a changed model.* setting, e.g. model.head?): missing"),
+                               "belongs to another model (a changed model.* setting, e.g. model.head?): missing in file ("),
                               (None, {"ema": {"enabled": True}}, "no ema.safetensors in this checkpoint")):
         if name:
             whole = (ck / name).read_bytes()

@@ -132,10 +132,17 @@ def test_dtl_compare_runs_the_three_arms_on_the_same_split(tmp_path, shard_dir):
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["summary"] == result["summary"]
     # A setting that changes only how a run is carried out (here: no report) is still the same run.
     r = subprocess.run([sys.executable, "-m", "dtl.cli", "compare", "--config", str(path), "--out",
-                        str(tmp_path / "cmp"), "--seeds", "0", "--set", "report=false", "data.num_workers=1"],
+                        str(tmp_path / "cmp"), "--seeds", "0", "--set", "report=false"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and r.stderr.count("finished earlier: read back") == 3, r.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in arm_files} == arm_files
+    # One that changes what is computed is not: the learning rate, or the loader workers (the stream's
+    # slots are ranks x workers, so they change the order).
+    from dtl.recipe_compare import _finished_row, arm_overrides
+    out = tmp_path / "cmp" / "your_plan-seed0"
+    for extra, same in ((["report=false"], True), (["optim.lr=0.02"], False), (["data.num_workers=2"], False)):
+        overrides = [*arm_overrides("your plan", 0, out, extra, None), "resume=never"]
+        assert (_finished_row(out, overrides, str(path)) is not None) == same, extra
 
 
 def test_dtl_compare_refuses_a_bad_config_before_any_arm_trains(tmp_path, shard_dir):
