@@ -28,34 +28,32 @@ def test_report_pictures_csv_and_markdown(tmp_path, shard_dir, probe):
     assert "Trained on cross-entropy, with the data's class frequencies; test-time augmentation: none." in md
 
 
-def test_report_says_what_the_numbers_were_measured_under():
+@pytest.mark.parametrize("overrides, line", [
+    ([], "Trained on cross-entropy, label smoothing 0.1, with class-balanced sampling 0.5 (class shares ~ count^0.5); "
+         "test-time augmentation: flips; predictions under the data's class prior (eval.prior_correction)."),
+    (["optim.ordinal_sigma=0.5", "data.balanced_sampling=1", "eval.prior_correction=false"],
+     "Trained on ordinal soft labels (SORD, sigma 0.5 levels), label smoothing 0.1, with class-balanced sampling 1 "
+     "(equal class shares); test-time augmentation: flips."),
+    (["data.augment.mixup=0.2", "data.augment.cutmix=1.0", "data.balanced_sampling=0", "optim.label_smoothing=0"],
+     "Trained on cross-entropy on mixup alpha 0.2 / cutmix alpha 1 batches, with the data's class frequencies; "
+     "test-time augmentation: flips."),
+    (["optim.ordinal_sigma=0.5", "data.balanced_sampling=0", "data.class_weights=true", "data.class_weight_power=0.5",
+      "eval.tta=none"],
+     "Trained on ordinal soft labels (SORD, sigma 0.5 levels), label smoothing 0.1, with class weights ~ count^-0.5; "
+     "test-time augmentation: none; predictions under the data's class prior (eval.prior_correction)."),
+    # weights of power 0 tilt nothing, so nothing is corrected
+    (["data.balanced_sampling=0", "data.class_weights=true", "data.class_weight_power=0"],
+     "Trained on cross-entropy, label smoothing 0.1, with equal class weights (data.class_weight_power 0); "
+     "test-time augmentation: flips."),
+    (["data.balanced_sampling=0", "data.augment.mixup=0.2", "data.augment.mix_prob=0.3"],
+     "Trained on cross-entropy, label smoothing 0.1 on mixup alpha 0.2 batches (a batch mixed with probability 0.3), "
+     "with the data's class frequencies; test-time augmentation: flips."),
+])
+def test_report_says_what_the_numbers_were_measured_under(overrides, line):
     from dtl.run_config import load_config
     from dtl.run_report import recipe_line
     quick = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
-    assert recipe_line(load_config(quick)) == (
-        "Trained on cross-entropy, label smoothing 0.1, with class-balanced sampling 0.5 (class shares ~ "
-        "count^0.5); test-time augmentation: flips; predictions under the data's class prior (eval.prior_correction).")
-    assert recipe_line(load_config(quick, [
-        "optim.ordinal_sigma=0.5", "data.balanced_sampling=1", "eval.prior_correction=false"])) == (
-        "Trained on ordinal soft labels (SORD, sigma 0.5 levels), label smoothing 0.1, with class-balanced sampling 1 "
-        "(equal class shares); test-time augmentation: flips.")
-    assert recipe_line(load_config(quick, [
-        "data.augment.mixup=0.2", "data.augment.cutmix=1.0", "data.balanced_sampling=0", "optim.label_smoothing=0"])) \
-        == ("Trained on cross-entropy on mixup alpha 0.2 / cutmix alpha 1 batches, with the data's class frequencies; "
-            "test-time augmentation: flips.")
-    assert recipe_line(load_config(quick, [
-        "optim.ordinal_sigma=0.5", "data.balanced_sampling=0", "data.class_weights=true",
-        "data.class_weight_power=0.5", "eval.tta=none"])) == (
-        "Trained on ordinal soft labels (SORD, sigma 0.5 levels), label smoothing 0.1, with class weights ~ "
-        "count^-0.5; test-time augmentation: none; predictions under the data's class prior (eval.prior_correction).")
-    assert recipe_line(load_config(quick, [  # weights of power 0 tilt nothing, so nothing is corrected
-        "data.balanced_sampling=0", "data.class_weights=true", "data.class_weight_power=0"])) == (
-        "Trained on cross-entropy, label smoothing 0.1, with equal class weights (data.class_weight_power 0); "
-        "test-time augmentation: flips.")
-    assert recipe_line(load_config(quick, [
-        "data.balanced_sampling=0", "data.augment.mixup=0.2", "data.augment.mix_prob=0.3"])) == (
-        "Trained on cross-entropy, label smoothing 0.1 on mixup alpha 0.2 batches (a batch mixed with probability "
-        "0.3), with the data's class frequencies; test-time augmentation: flips.")
+    assert recipe_line(load_config(quick, overrides)) == line
 
 
 def test_dtl_eval_and_predict_at_scale(tmp_path, shard_dir, image_folder):
