@@ -147,7 +147,7 @@ def timm_args(cfg, pre: dict) -> list[str]:
     d, aug, o = cfg.data, cfg.data.augment, cfg.optim
     flags = ["--batch-size", str(d.batch_size), "--validation-batch-size", str(d.batch_size),
              "--workers", str(d.num_workers), "--train-interpolation", pre["interpolation"],
-             "--opt", o.name, "--momentum", str(o.momentum), "--lr", str(o.lr),
+             "--opt", o.name, "--momentum", str(o.effective_momentum()), "--lr", str(o.lr),
              "--weight-decay", str(o.weight_decay), "--sched", o.schedule,
              "--min-lr", str(o.lr * o.min_lr_ratio), "--smoothing", str(o.label_smoothing),
              "--grad-accum-steps", str(o.grad_accum_steps),

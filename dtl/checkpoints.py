@@ -242,6 +242,30 @@ def export_model(weights: nn.Module | dict[str, torch.Tensor], path: str | Path,
     os.replace(tmp, path)
 
 
+BEST_FILE, BEST_PENDING = "best.safetensors", ".best-pending.safetensors"
+
+
+def publish_best(out: str | Path) -> None:
+    """Make the weights selected since the last checkpoint `best.safetensors`. Called once that
+    checkpoint (which records best_epoch and best_metric) is on disk, and at the end: so the file
+    is always the best of the state a resumed run continues from, never of an epoch it redoes."""
+    pending = Path(out) / BEST_PENDING
+    if pending.is_file():
+        os.replace(pending, Path(out) / BEST_FILE)
+
+
+def settle_best(out: str | Path, resume_from: Optional[Path]) -> None:
+    """At start: selected weights a killed process left pending were written either before the
+    checkpoint resumed from (its best: published now) or after it (an epoch trained again: dropped)."""
+    pending = Path(out) / BEST_PENDING
+    if not pending.is_file():
+        return
+    if resume_from is not None and pending.stat().st_mtime_ns <= (Path(resume_from) / STATE_FILE).stat().st_mtime_ns:
+        publish_best(out)
+    else:
+        pending.unlink()
+
+
 def read_export_meta(path: str | Path) -> dict:
     from safetensors import safe_open
 

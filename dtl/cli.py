@@ -31,6 +31,17 @@ def _positive_float(text: str) -> float:
 
 _positive_float.__name__ = "float"
 
+
+def _split_spec(text: str) -> tuple[str, str]:
+    """argparse type: NAME=PATTERN (a split and its shards)."""
+    name, eq, pattern = text.partition("=")
+    if not eq or not name or not pattern:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=PATTERN, e.g. train='train-{{0000..0009}}.tar'")
+    return name, pattern
+
+
+_split_spec.__name__ = "split"
+
 EPILOG = "Exit codes: 0 done; 2 a problem with the input, named in one line; anything else is a bug in dtl."
 
 
@@ -38,7 +49,7 @@ def _shards(args: argparse.Namespace) -> None:
     from dtl import shard_writer
 
     if args.source == "index":
-        splits = dict(s.split("=", 1) for s in args.split)
+        splits = dict(args.split)
         index = shard_writer.index_shards(args.out, splits, args.classes.split(","), args.label_field)
     else:
         common = dict(val_fraction=args.val, test_fraction=args.test, seed=args.seed, maxcount=args.maxcount)
@@ -147,7 +158,7 @@ def _eval(args: argparse.Namespace) -> None:
     from dtl.model_eval import evaluate_export
 
     r = evaluate_export(args.weights, args.data, args.split, args.tta, args.out, args.batch_size, args.num_workers,
-                        args.on_error)
+                        args.on_error, args.label_field)
     m = r["metrics"]
     print(f"{args.split}: acc {m['acc']:.4f}  macro-F1 {m['macro_f1']:.4f}  balanced acc {m['balanced_acc']:.4f}  "
           f"loss {m['loss']:.4f}  ({m['samples']} samples)")
@@ -195,7 +206,7 @@ def _add_data_commands(sub) -> None:
                                      "their samples per class and write dataset.json; a damaged shard is an error "
                                      "naming it.", formatter_class=fmt, epilog=EPILOG)
     q.add_argument("out", help="folder that will hold dataset.json (shard paths are relative to it)")
-    q.add_argument("--split", action="append", required=True, help="NAME=PATTERN, e.g. train='train-{0000..0009}.tar'")
+    q.add_argument("--split", action="append", required=True, type=_split_spec, help="NAME=PATTERN, e.g. train='train-{0000..0009}.tar'")
     q.add_argument("--classes", required=True, help="comma-separated class names, in label order")
     q.add_argument("--label-field", default="cls", help="cls, txt or json.FIELD")
 
@@ -264,6 +275,7 @@ def _add_use_commands(sub) -> None:
     e.add_argument("--num-workers", type=_int_at_least(0), default=2, help="DataLoader workers per process")
     e.add_argument("--on-error", choices=["error", "skip"], default="error",
                    help="a bad sample: stop naming it, or skip it (with a warning; the metrics leave it out)")
+    e.add_argument("--label-field", help="cls, txt or json.FIELD (default: the one the model was trained on)")
 
     r = sub.add_parser("predict", help="classify images with an exported model.safetensors", formatter_class=fmt,
                        description="Classify images with an exported model (no training config needed); one JSON "

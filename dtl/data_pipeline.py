@@ -250,9 +250,12 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
         if not has_split(split, index, d.shards):
             if train:
                 split_source(d.root, split or "train", index, d.shards, d.samples)  # raises, naming the split
+            have = sorted({*(index or {}).get("splits", {}), *d.shards})
             if split is not None and split != DataConfig.model_fields[key].default:
-                have = sorted({*(index or {}).get("splits", {}), *d.shards})
                 raise DataError(f"data.{key}={split!r}: {d.root} has no such split; it has {have}")
+            if split is not None and key == "val_split" and cfg.checkpoint.patience:
+                raise DataError(f"checkpoint.patience stops on a validation metric, and {d.root} has no split "
+                                f"{split!r} (data.val_split); it has {have}")
             if split is not None and rank == 0:  # the default name, absent from this dataset: say so once
                 warnings.warn(f"data.{key}={split!r}: {d.root} has no such split, so the run goes without "
                               f"(data.{key}=null says that on purpose)", DtlWarning, stacklevel=2)
@@ -289,7 +292,7 @@ def finishing(augment_on: str) -> type:
     return DeviceNormalize
 
 
-def dropped_per_epoch(total: int, slots: int, batch_size: int, workers: int) -> int:
+def dropped_per_epoch(total: int, slots: int, batch_size: int) -> int:
     """Training samples an epoch leaves out: each rank x worker slot delivers whole batches only."""
     per_slot = total // slots
     return total - slots * (per_slot // batch_size) * batch_size
@@ -298,10 +301,10 @@ def dropped_per_epoch(total: int, slots: int, batch_size: int, workers: int) -> 
 def warn_dropped_samples(stream: ShardStream, batch_size: int, world_size: int) -> None:
     """Say so when more than a few percent of the training split never reaches the model."""
     total, workers = stream.source.total, stream.num_workers
-    dropped = dropped_per_epoch(total, world_size * workers, batch_size, workers)
+    dropped = dropped_per_epoch(total, world_size * workers, batch_size)
     if dropped <= DROP_WARN_FRACTION * total:
         return
-    options = {w: dropped_per_epoch(total, world_size * w, batch_size, w) for w in range(1, workers + 1)}
+    options = {w: dropped_per_epoch(total, world_size * w, batch_size) for w in range(1, workers + 1)}
     best = min(options, key=lambda w: (options[w], -w))
     hint = (f"data.num_workers={best} drops {options[best]}" if best != workers
             else "a smaller data.batch_size drops fewer")

@@ -116,9 +116,20 @@ def validate_index(index: dict, source: str) -> None:
         if not isinstance(shards, list) or not all(isinstance(s, dict) and "name" in s and "count" in s
                                                      for s in shards):
             raise bad(f"split {name!r}: 'shards' must be a list of {{name, count}}")
+        for s in shards:
+            if not isinstance(s["name"], str) or not s["name"]:
+                raise bad(f"split {name!r}: shard name {s['name']!r} is not a file name or URL")
+            if not _whole(s["count"]):
+                raise bad(f"split {name!r}, shard {s['name']!r}: count {s['count']!r} is not a whole number >= 0")
         counts = split.get("class_counts")
+        if counts is not None and (not isinstance(counts, list) or not all(_whole(c) for c in counts)):
+            raise bad(f"split {name!r}: 'class_counts' must be a list of whole numbers, got {counts!r}")
         if counts is not None and len(counts) != len(classes):
             raise bad(f"split {name!r}: {len(counts)} class counts for {len(classes)} classes")
+
+
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def new_index(classes: list[str], source: str) -> dict:

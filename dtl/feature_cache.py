@@ -19,8 +19,11 @@ pooled pre-logit features, are computed once per view and the epochs train the h
 - The cache lives in memory and, per rank and view, in `output_dir/feature_cache/` (atomic
   writes, reused by a resumed run whose identity, see `linear_probe.cache_identity`, matches).
 
-Under DDP the head is called outside the DDP wrapper, so its gradients are averaged here. Not
-used under FSDP, with mixup/cutmix (they mix images), or when `finetune.cache_frozen=false`.
+Only the leading head-only epochs are cached: once a stage has trained a backbone group, a later
+head-only stage runs the backbone as it is now. Under DDP the head is called outside the DDP
+wrapper, so its gradients are averaged here. Not used under FSDP, with mixup/cutmix (they mix
+images), with stochastic depth (`model.drop_path_rate`: it stays on in frozen blocks) or BatchNorm
+in train mode (`finetune.bn_frozen=false`: batch statistics), or when `finetune.cache_frozen=false`.
 """
 from __future__ import annotations
 
@@ -60,17 +63,23 @@ class FrozenFeatureCache:
         self.dir = run.out / "feature_cache" / f"frozen-{cache_identity(run)}-k{self.k}" / f"rank{rank}"
 
     def _head_only_epochs(self) -> int:
-        run = self.run
-        return sum(1 for e in range(run.cfg.epochs) if self._head_only(run.plan.stage_at(e)))
+        """The leading epochs that train the head only (the cached ones when the cache is exact)."""
+        run, n = self.run, 0
+        while n < run.cfg.epochs and self._head_only(run.plan.stage_at(n)):
+            n += 1
+        return n
 
     def _head_only(self, stage) -> bool:
         return stage.first_group == len(self.run.plan.groups) - 1
 
     def applies(self, epoch: int) -> bool:
-        """Whether epoch `epoch` trains on cached features."""
-        run = self.run
-        return (run.cfg.finetune.cache_frozen and run.mixup is None and not run.strategy.sharded
-                and self._head_only(run.plan.stage_at(epoch)))
+        """Whether epoch `epoch` trains (and validates) on cached features: only while the backbone
+        still holds its starting weights (no earlier stage trained it) and its train-mode forward
+        equals the eval-mode one the cache computes (frozen BatchNorm in eval mode, no drop-path)."""
+        run, cfg = self.run, self.run.cfg
+        exact = (cfg.finetune.bn_frozen or cfg.finetune.bn_eval) and not cfg.model.drop_path_rate
+        return (cfg.finetune.cache_frozen and exact and run.mixup is None and not run.strategy.sharded
+                and all(self._head_only(run.plan.stage_at(e)) for e in range(epoch + 1)))
 
     # -- storage ---------------------------------------------------------------------------
     def _view(self, v: int) -> ViewCache:

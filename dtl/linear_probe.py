@@ -70,7 +70,8 @@ def _stream(run, split: str, augmented: bool) -> ShardStream:
 
 
 def cache_identity(run) -> str:
-    """What the cached features depend on: backbone and its weights, transform, split, seed, views, ranks."""
+    """What the cached features depend on: backbone, how it is built and its weights, transform, split,
+    seed, views, ranks."""
     cfg = run.cfg
     src = {name: (s.source.urls, s.source.counts) for name, s in (("train", run.data.train), ("val", run.data.val))
            if s is not None}
@@ -81,6 +82,8 @@ def cache_identity(run) -> str:
              "uint8": cfg.data.normalize_on_device,
              "splits": src, "seed": cfg.seed, "views": cfg.finetune.probe.augmented_views, "label": cfg.data.label_field,
              "world": run.accelerator.num_processes, "format": 1}
+    built = {k: getattr(cfg.model, k) for k in ("global_pool", "head_module", "factory_kwargs", "weights_map")}
+    ident.update({k: v for k, v in built.items() if v})  # other features (unchanged key at the defaults)
     if cfg.data.augment_on != "workers":  # other pixels in the frozen stages' views (unchanged key otherwise)
         ident["augment_on"], ident["decode_on"] = cfg.data.augment_on, cfg.data.decode_on
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -111,7 +114,7 @@ def extract(run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
     return x, y, vx, vy
 
 
-def _metrics(head: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, n: int) -> dict:
+def _metrics(head: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int) -> dict:
     with torch.no_grad():
         logits = head(x)
     cm = torch.zeros(n, n, dtype=torch.long)
@@ -144,7 +147,7 @@ def train_head(run, x: torch.Tensor, y: torch.Tensor, vx: torch.Tensor, vy: torc
             loss.backward()
             opt.step()
             sched.step()
-        val = _metrics(head, vx, vy, criterion, n) if len(vy) else _metrics(head, x, y, criterion, n)
+        val = _metrics(head, vx, vy, n) if len(vy) else _metrics(head, x, y, n)
         score = sign * val[run.monitor_key]
         if best is None or score > best:
             best, best_state, best_epoch, best_val, stale = score, copy.deepcopy(head.state_dict()), epoch, val, 0

@@ -20,6 +20,7 @@ import torch
 from dtl.run_finish import model_build
 from dtl.backbones import create_classifier, preprocessing
 from dtl.data_pipeline import build_data, prepare_shards, run_classes
+from dtl.dataset_index import DataError
 from dtl.device_batches import as_input
 from dtl.finetune_plan import FinetunePlan, freeze_batchnorm, set_trainable
 from dtl.layer_groups import layer_groups
@@ -68,6 +69,9 @@ def _sweep(model, plan, trainable, data, optimizer, ratios, criterion, start_lr,
     step = 0
     while step < steps:
         data.train.set_epoch(step)
+        if data.train_batches() == 0:  # no whole batch in a pass: the sweep would never move
+            raise DataError(f"split {cfg.data.train_split!r}: {data.train.samples_per_slot()} samples per "
+                            f"worker, fewer than data.batch_size = {cfg.data.batch_size}")
         for batch in data.loader(data.train):
             lr = start_lr * gamma ** step
             for pg, r in zip(optimizer.param_groups, ratios):

@@ -24,8 +24,10 @@ from dtl.shard_stream import ShardStream, StreamOptions
 
 
 def evaluate_export(weights: str, root: str, split: str = "test", tta: str = "none", out: Optional[str] = None,
-                    batch_size: int = 64, num_workers: int = 2, on_error: str = "error") -> dict:
-    """Metrics of `weights` on `root`'s `split`; the classes must be the model's."""
+                    batch_size: int = 64, num_workers: int = 2, on_error: str = "error",
+                    label_field: Optional[str] = None) -> dict:
+    """Metrics of `weights` on `root`'s `split`; the classes must be the model's. Labels are read
+    from `label_field`, by default the one the model was trained on (its export records it)."""
     out_dir = Path(out or Path(weights).parent / f"eval-{split}")
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} is a file; eval writes a folder (eval.json and report/)")
@@ -37,7 +39,8 @@ def evaluate_export(weights: str, root: str, split: str = "test", tta: str = "no
     acc = Accelerator()
     source = split_source(root, split, index, {}, {})
     stream = ShardStream(source, build_transform(meta["preprocessing"], False, AugmentConfig()),
-                         StreamOptions(classes=classes, on_error=on_error), acc.process_index, acc.num_processes, num_workers)
+                         StreamOptions(classes=classes, on_error=on_error, label_field=label_field or meta.get("label_field", "cls")),
+                         acc.process_index, acc.num_processes, num_workers)
     data = Data(classes, stream, None, stream, batch_size, batch_size, num_workers)
     model = acc.prepare_model(model, evaluation_mode=True)
     with closing(data):

@@ -44,14 +44,15 @@ def param_groups(model: nn.Module, plan: FinetunePlan, weight_decay: float) -> l
 def build_optimizer(model: nn.Module, plan: FinetunePlan, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, plan, cfg.weight_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        momentum = cfg.effective_momentum()
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=cfg.nesterov and momentum > 0)
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     if cfg.name == "adagrad":
         return torch.optim.Adagrad(groups, lr=cfg.lr, initial_accumulator_value=0.1, eps=1e-7)  # Keras' defaults
     if cfg.name == "rmsprop":  # TensorFlow's rho and epsilon (what Keras recipes were tuned with)
         return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=0.9, eps=1e-7,
-                                   momentum=cfg.momentum if "momentum" in cfg.model_fields_set else 0.0)
+                                   momentum=cfg.effective_momentum())
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 

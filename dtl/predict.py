@@ -51,16 +51,31 @@ def predict_files(weights: str | Path, images: list[str | Path], top_k: int = 1,
     The device, the inputs and the weights are checked before the first result (so before any
     output file is opened); the images are then read lazily.
     """
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
-        raise DtlError(f"--device {device}: this machine has no CUDA GPU (torch sees none); use --device cpu")
+    dev = _device(device)
     paths = expand_inputs(images)
     model, meta = load_exported(weights)
-    return _predict(model, meta, paths, top_k, batch_size, device, tta)
+    return _predict(model, meta, paths, top_k, batch_size, dev, tta)
 
 
-def _predict(model, meta: dict, paths: list[str], top_k: int, batch_size: int, device: Optional[str],
+def _device(name: Optional[str]) -> torch.device:
+    """The device asked for, checked: a name torch does not know or a GPU this machine lacks is refused."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DtlError(f"--device {name}: not a device name (cpu, cuda, cuda:1 ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DtlError(f"--device {name}: this machine has no CUDA GPU (torch sees none); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DtlError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise DtlError(f"--device {name}: dtl predicts on cpu or cuda")
+    return dev
+
+
+def _predict(model, meta: dict, paths: list[str], top_k: int, batch_size: int, dev: torch.device,
              tta: str) -> Iterator[dict]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     transform = build_transform(meta["preprocessing"], train=False, aug=AugmentConfig())
     classes = meta["classes"]

@@ -145,7 +145,8 @@ def compare(config: str, seeds: list[int], out: str, arms: Optional[list[str]] =
     out_root = Path(out)
     for arm in ARMS:
         if not arms or arm in arms:
-            load_config(config, arm_overrides(arm, seeds[0], out_root / "check", extra or [], full_lr))
+            cfg = load_config(config, arm_overrides(arm, seeds[0], out_root / "check", extra or [], full_lr))
+    _check_test_split(cfg.data)
     out_root.mkdir(parents=True, exist_ok=True)
     rows = [run_arm(config, arm, seed, out_root, extra or [], full_lr)
             for seed in seeds for arm in ARMS if not arms or arm in arms]
@@ -155,6 +156,19 @@ def compare(config: str, seeds: list[int], out: str, arms: Optional[list[str]] =
                           "gpu": _gpu()}, "versions": versions(), "rows": rows, "summary": stats(rows)}
     (out_root / "compare.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _check_test_split(data) -> None:
+    """The arms are ranked on the test split: refuse data without one before any arm trains (data
+    without a dataset.json yet, e.g. one `data.prepare` will write, is left to the first arm)."""
+    from dtl.dataset_index import DataError, has_split, read_index
+
+    if data.test_split is None:
+        raise DtlError("dtl compare ranks the arms on the test split: data.test_split is null")
+    index = read_index(data.root)
+    if index is not None and not has_split(data.test_split, index, data.shards):
+        raise DataError(f"dtl compare ranks the arms on the test split: {data.root} has no split "
+                        f"{data.test_split!r} (data.test_split)")
 
 
 def _gpu() -> Optional[str]:

@@ -153,7 +153,8 @@ class DataConfig(_Strict):
                                "least twice img_size, which PIL decodes at reduced scale, stay in the workers)")
     shuffle_buffer: int = Field(1000, ge=0, description="samples mixed in each worker's shuffle buffer")
     on_error: Literal["error", "skip"] = Field("error", description="bad sample or shard: stop naming it, or skip and log it")
-    max_errors: int = Field(10, ge=0, description="with on_error=skip, stop after this many bad samples")
+    max_errors: int = Field(10, ge=0, description="with on_error=skip, stop when one loader worker meets more "
+                                                    "than this many bad samples in one pass over a split")
     retries: int = Field(5, ge=0, description="remote shards (http(s), pipe:): retries of a transient failure, "
                                               "resuming the shard after the samples already delivered")
     retry_max_s: float = Field(300.0, gt=0, description="remote shards: give up retrying one shard after this long")
@@ -188,6 +189,14 @@ class DataConfig(_Strict):
                 raise ValueError(f"data.augment_on=device crops, resizes and flips only; "
                                  f"{', '.join('data.augment.' + k for k in cpu_only)} need(s) data.augment_on=workers")
         return self
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, classes: Optional[list[str]]) -> Optional[list[str]]:
+        if classes is not None and len(set(classes)) != len(classes):
+            twice = sorted({c for c in classes if classes.count(c) > 1})
+            raise ValueError(f"class names must be distinct; named more than once: {twice}")
+        return classes
 
 
 class HeadConfig(_Strict):
@@ -309,7 +318,8 @@ class OptimConfig(_Strict):
         "adamw", description="optimizer; adamw decouples weight decay, the others add it to the gradient (L2)")
     lr: float = Field(1e-3, gt=0, description="learning rate of the head")
     weight_decay: float = Field(0.01, ge=0, description="weight decay; not on norms and biases")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (and RMSprop's, when nonzero there: 0 = Keras)")
+    momentum: Optional[float] = Field(None, ge=0, lt=1, description="SGD's momentum (unset: 0.9) and RMSprop's "
+                                                                     "(unset: 0, as in Keras)")
     nesterov: bool = Field(True, description="SGD with Nesterov momentum")
     schedule: Literal["cosine", "step", "multistep", "constant", "onecycle"] = Field(
         "cosine", description="lr schedule after warmup; per-group rates and stage multipliers apply to each")
@@ -327,6 +337,10 @@ class OptimConfig(_Strict):
         None, gt=0, description="the classes are ordered levels (grades, severities, in data.classes order): train "
                                 "on soft labels spread over the neighbouring levels by a Gaussian of this width, in "
                                 "levels (SORD; e.g. 0.5); off when unset")
+
+    def effective_momentum(self) -> float:
+        """The momentum the optimizer gets: the key's value, else SGD's 0.9 or RMSprop's 0."""
+        return self.momentum if self.momentum is not None else (0.9 if self.name == "sgd" else 0.0)
 
 
 class EmaConfig(_Strict):
@@ -422,6 +436,9 @@ class Config(_Strict):
         if self.finetune.probe.enabled and self.model.head.hidden:
             raise ValueError(f"finetune.probe trains a linear head, and model.head.hidden={self.model.head.hidden} "
                              f"asks for an MLP: disable one of them")
+        if self.finetune.probe.enabled and self.model.head.binary:
+            raise ValueError("finetune.probe trains a softmax head on cached features, and model.head.binary asks "
+                             "for one sigmoid logit: disable one of them")
         if self.data.class_weights and self.data.balanced_sampling:
             raise ValueError("data.class_weights and data.balanced_sampling both correct for class imbalance "
                              "(one in the loss, one in the stream): choose one")

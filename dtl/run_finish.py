@@ -74,7 +74,8 @@ def model_build(cfg) -> dict:
 def export_meta(run) -> dict:
     return {"backbone": run.cfg.model.backbone, "classes": run.classes, "preprocessing": run.pre,
             "epoch": run.state.epoch, "step": run.state.step, "format": "dtl-classifier/1",
-            **{k: v for k, v in model_build(run.cfg).items() if v}}
+            **{k: v for k, v in model_build(run.cfg).items() if v},
+            **({"label_field": run.cfg.data.label_field} if run.cfg.data.label_field != "cls" else {})}
 
 
 def export(run, name: str, source: str = "model") -> None:
@@ -105,7 +106,8 @@ def evaluate_ema(run) -> Optional[EvalResult]:
 
 
 def select_best(run, epoch: int, candidates: dict[str, Optional[EvalResult | dict]]) -> None:
-    """Export `best.safetensors` when a candidate's monitored validation value beats the best so far.
+    """Export the best weights when a candidate's monitored validation value beats the best so far
+    (pending until the next checkpoint, `checkpoints.publish_best`).
 
     Candidates: the trained weights ("model") and the moving average ("ema") of an epoch, or the
     probe (epoch -1). Validation metrics are reduced, so every rank decides the same.
@@ -118,7 +120,7 @@ def select_best(run, epoch: int, candidates: dict[str, Optional[EvalResult | dic
     value = scored[source][key]
     if state.best_metric is None or sign * value > sign * state.best_metric:
         state.best_metric, state.best_epoch, state.best_source, state.stale_epochs = value, epoch, source, 0
-        export(run, "best.safetensors", source)
+        export(run, ckpt.BEST_PENDING, source)  # best.safetensors once the next checkpoint records it
     else:
         state.stale_epochs += 1
 
@@ -167,7 +169,7 @@ def _test_best(run, final: Optional[EvalResult]) -> Optional[EvalResult]:
             (state.best_epoch == last and state.best_source == "model" and not probe_only):
         return final  # FSDP: the sharded model cannot take a full state dict here; final weights reported
     net = run.accelerator.unwrap_model(run.model)
-    net.load_state_dict(ckpt.load_file(str(run.out / "best.safetensors")))
+    net.load_state_dict(ckpt.load_file(str(run.out / ckpt.BEST_FILE)))
     run.holds_exported = True  # its bias holds the prior correction already (or it needs none: the probe's)
     return evaluate_split(run, "test")
 
@@ -182,6 +184,9 @@ def finish(run, val: Optional[EvalResult]) -> RunResult:
     state = run.state
     if val is None:
         val = evaluate_split(run, "val")
+    if run.accelerator.is_main_process:
+        ckpt.publish_best(run.out)  # a probe-only run, or epochs after the last checkpoint (every_epochs > 1)
+    run.accelerator.wait_for_everyone()
     selected_is_final = state.best_epoch in (None, state.epoch - 1) and state.best_source == "model"
     final = evaluate_split(run, "test" if selected_is_final else "test_final")
     export(run, "model.safetensors")
@@ -227,27 +232,35 @@ def completed_run(cfg: Config) -> None:
     """Refuse a rerun of a finished run, naming the settings it would change; nothing is written.
 
     Finished means: summary.json is there and the latest checkpoint is at or past `epochs`, of
-    the same backbone (another backbone goes on to be refused by the identity check). A higher
+    the same backbone (another backbone goes on to be refused by the identity check), or, for a
+    probe-only run (`epochs=0`, no checkpoint), that summary.json is one's too. A higher
     `epochs=` is not finished: the run trains on.
     """
     out = Path(cfg.output_dir)
-    latest = ckpt.latest_checkpoint(out / "checkpoints") if cfg.resume != "never" else None
-    if latest is None or not (out / "summary.json").is_file():
+    if cfg.resume == "never" or not (out / "summary.json").is_file():
         return
-    state = ckpt.read_train_state(latest)
     try:
         summary = json.loads((out / "summary.json").read_text())
     except ValueError:
         return
-    if (state.epoch < cfg.epochs and not state.stopped_early) or state.batch_in_epoch or state.identity.get("backbone") != cfg.model.backbone \
-            or summary.get("steps") != state.step:
-        return
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    if latest is None:  # a probe-only run (epochs=0) leaves no checkpoint; finished if this one is one too
+        if cfg.epochs or summary.get("epochs") != 0 or summary.get("steps") != 0:
+            return
+        epochs, steps, stopped_early = 0, 0, False
+    else:
+        state = ckpt.read_train_state(latest)
+        if (state.epoch < cfg.epochs and not state.stopped_early) or state.batch_in_epoch \
+                or state.identity.get("backbone") != cfg.model.backbone or summary.get("steps") != state.step:
+            return
+        epochs, steps, stopped_early = state.epoch, state.step, state.stopped_early
     changed = [c for c in changed_settings(out, cfg) or [] if not c.startswith("epochs:")]
-    test = f"test acc {summary['test/acc']:.4f}, " if "test/acc" in summary else ""
-    early = ", stopped early" if state.stopped_early else ""
-    what = f"{out} is a finished run ({state.epoch} epochs{early}, {test}{state.step} steps)"
+    test = f"test acc {summary['test/acc']:.4f}, " if summary.get("test/acc") is not None else ""
+    early = ", stopped early" if stopped_early else ""
+    what = f"{out} is a finished run ({epochs} epochs{early}, {test}{steps} steps)"
     if changed:
         raise FinishedRunError(f"{what} trained with other settings ({'; '.join(changed)}): nothing was run or "
                                f"changed; set another output_dir for a run with these settings")
+    more = "" if stopped_early else "Raise epochs= to train on, or s"
     raise FinishedRunError(f"{what}: nothing was run or changed; its results are in {out / 'summary.json'}. "
-                           f"Raise epochs= to train on, or set another output_dir for a new run")
+                           f"{more or 'S'}et another output_dir for a new run")

@@ -30,6 +30,16 @@ class MetricsFile(Observer):
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    def run_start(self, run) -> None:
+        """Drop a record cut short by a kill or a full disk (the file's last line without its newline),
+        so the resumed run's records start on a line of their own and every line parses."""
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
@@ -113,6 +123,11 @@ class Console(Observer):
                   f"checkpoint written; the same command continues from it", flush=True)
 
 
+def wandb_wanted(cfg: Config) -> bool:
+    """W&B is on unless the config or WANDB_MODE=disabled turns it off."""
+    return cfg.wandb.enabled and os.environ.get("WANDB_MODE", cfg.wandb.mode) != "disabled"
+
+
 def wandb_settings(cfg: Config, output_dir: Path, run_id: str) -> Optional[dict]:
     """init_kwargs for accelerate's wandb tracker, or None when W&B is off.
 
@@ -120,9 +135,9 @@ def wandb_settings(cfg: Config, output_dir: Path, run_id: str) -> Optional[dict]
     under `output_dir/wandb` that `wandb sync` uploads later. The run id is kept in the
     checkpoint so a resumed or requeued job continues the same W&B run.
     """
-    mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
-    if not cfg.wandb.enabled or mode == "disabled":
+    if not wandb_wanted(cfg):
         return None
+    mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
     return {"wandb": {"dir": str(output_dir), "mode": mode, "id": run_id, "resume": "allow",
                       "name": cfg.wandb.name or output_dir.name, "entity": cfg.wandb.entity, "group": cfg.wandb.group,
                       "tags": cfg.wandb.tags}}

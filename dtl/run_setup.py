@@ -6,7 +6,6 @@ checkpoint to resume from (if any) is known to belong to this model, classes and
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 import warnings
@@ -41,7 +40,8 @@ from dtl.feature_cache import FrozenFeatureCache, build_cache
 from dtl.run_config import Config, ConfigError, config_changes, dump_config
 from dtl.run_finish import model_build
 from dtl.run_events import Events, Observer
-from dtl.run_observers import Console, MetricsFile, TensorBoardFigures, TrackerRows, WandbTracker, wandb_settings
+from dtl.run_observers import (Console, MetricsFile, TensorBoardFigures, TrackerRows, WandbTracker, wandb_settings,
+                               wandb_wanted)
 from dtl.run_report import RunReport
 from dtl.user_errors import DtlWarning
 
@@ -122,7 +122,11 @@ class Run:
         self.state.scheduler = self.scheduler.state_dict()
         self.state.wall_time_s = self.wall_time()
         ema = self.ema.module.state_dict() if self.ema is not None else None
-        return ckpt.save_checkpoint(self.accelerator, self.out / "checkpoints", self.state, self.cfg.checkpoint.keep, ema)
+        saved = ckpt.save_checkpoint(self.accelerator, self.out / "checkpoints", self.state, self.cfg.checkpoint.keep, ema)
+        if self.accelerator.is_main_process:
+            ckpt.publish_best(self.out)  # the checkpoint now records the best it holds
+        self.accelerator.wait_for_everyone()
+        return saved
 
 
 def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
@@ -151,6 +155,8 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
                       error_log=str(out / f"bad_samples.rank{accelerator.process_index}.jsonl"),
                       retry_log=str(out / f"shard_retries.rank{accelerator.process_index}.jsonl"))
     _write_config(accelerator, cfg, out, resume_from)
+    if accelerator.is_main_process:
+        ckpt.settle_best(out, resume_from)  # best weights a killed process left pending
     report = getattr(model, "dtl_weights_report", None)  # the bare model: prepare() comes later
     if report is not None and accelerator.is_main_process:  # written with config.yaml: after every check
         (out / "weights_report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -251,13 +257,9 @@ def _build_ema(cfg: Config, accelerator: Accelerator, model: nn.Module, strategy
     return ema
 
 
-def _wants_wandb(cfg: Config) -> bool:
-    return cfg.wandb.enabled and os.environ.get("WANDB_MODE", cfg.wandb.mode) != "disabled"
-
-
 def _trackers(cfg: Config, out: Path) -> list:
     """accelerate's `log_with`: W&B unless off, TensorBoard (under output_dir/tensorboard) if asked."""
-    trackers: list = ["wandb"] if _wants_wandb(cfg) else []
+    trackers: list = ["wandb"] if wandb_wanted(cfg) else []
     if cfg.tensorboard:
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)

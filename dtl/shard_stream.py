@@ -414,7 +414,12 @@ class ShardStream(IterableDataset):
                 produced += 1
                 yield item
         while produced < target:  # skipped samples are replaced so every rank keeps its step count
-            item = self._decode(next(fill))
+            sample = next(fill, None)
+            if sample is None:  # shards without counts, fewer than the slots, hold fewer than declared
+                raise DataError(f"split {self.source.name!r}: its shards hold fewer samples than the "
+                                f"{self.source.total} declared (data.samples.{self.source.name}); slot {slot} "
+                                f"got {produced} of its {target}")
+            item = self._decode(sample)
             if item is not None:
                 produced, filled = produced + 1, filled + 1
                 yield item

@@ -279,15 +279,18 @@ def index_shards(out_dir: str | Path, split_patterns: dict[str, str], classes: l
     from dtl.shard_stream import expand_shards
 
     out = Path(out_dir)
+    if (out / INDEX_NAME).exists():  # never replace an index a run may be reading (or one `prepare` wrote)
+        raise DataError(f"{out / INDEX_NAME} exists: remove it (or pick another folder) to index again")
     index = new_index(classes, "indexed")
     for split, pattern in split_patterns.items():
         urls = expand_shards(pattern, base=str(out))
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             results = list(tqdm(pool.map(lambda u: _count_shard(u, classes, label_field), urls), total=len(urls),
                                 desc=f"indexing {split}", unit="shard", disable=len(urls) < 20))
-        shards = [{"name": os.path.relpath(url, out) if "://" not in url else url, "count": n}
+        shards = [{"name": url if "://" in url or url.startswith("pipe:") else os.path.relpath(url, out), "count": n}
                   for url, (n, _) in zip(urls, results)]
         counts = [sum(c[i] for _, c in results) for i in range(len(classes))]
         add_split(index, split, shards, counts)
+    out.mkdir(parents=True, exist_ok=True)  # remote or piped shards need no local folder of their own
     write_index(out, index)
     return index

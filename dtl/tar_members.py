@@ -91,7 +91,7 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if _octal(header[148:156], f"member {count + 1}") != sum(header[:148]) + 256 + sum(header[156:]):
             raise TarError(f"not a tar file or corrupt header (checksum) at member {count + 1}")
         kind = header[156:157]
-        size = _octal(header[124:136], f"member {count}")
+        size = _octal(header[124:136], f"member {count + 1}")
         if "size" in pax:
             size = int(pax["size"])
         data = _read_exact(stream, size, f"member {count + 1}")

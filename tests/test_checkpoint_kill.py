@@ -89,6 +89,30 @@ def test_recovery_keeps_a_complete_checkpoint_that_was_being_replaced(tmp_path):
     assert sorted(os.listdir(root)) == ["ckpt-00000004", "ckpt-00000006"]
 
 
+def test_best_weights_follow_the_checkpoint_a_resume_continues_from(tmp_path):
+    """best.safetensors changes only once a checkpoint records its epoch: weights selected after the
+    last checkpoint (killed before the next one) are dropped, those written before it are published."""
+    from dtl.checkpoints import BEST_FILE, BEST_PENDING, publish_best, settle_best
+
+    ckpt = tmp_path / "checkpoints" / "ckpt-00000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / STATE_FILE).write_text("{}")
+    t = (ckpt / STATE_FILE).stat().st_mtime_ns
+    for offset, published in ((-10**9, True), (10**9, False)):  # pending written before / after the checkpoint
+        (tmp_path / BEST_FILE).write_text("old")
+        (tmp_path / BEST_PENDING).write_text("new")
+        os.utime(tmp_path / BEST_PENDING, ns=(t + offset, t + offset))
+        settle_best(tmp_path, ckpt)
+        assert (tmp_path / BEST_FILE).read_text() == ("new" if published else "old")
+        assert not (tmp_path / BEST_PENDING).exists()
+    (tmp_path / BEST_PENDING).write_text("newer")
+    settle_best(tmp_path, None)  # no checkpoint to resume from: the run starts over and selects again
+    assert (tmp_path / BEST_FILE).read_text() == "old" and not (tmp_path / BEST_PENDING).exists()
+    (tmp_path / BEST_PENDING).write_text("newest")
+    publish_best(tmp_path)
+    assert (tmp_path / BEST_FILE).read_text() == "newest"
+
+
 @pytest.fixture(scope="module")
 def val_heavy_shards(tmp_path_factory) -> Path:
     """Half the images in validation: a validation pass long enough to be signalled in."""

@@ -48,6 +48,19 @@ def test_bad_stages_and_files(tmp_path, shard_dir):
         load_config(path, ["optim.lr"])
 
 
+@pytest.mark.parametrize("overrides, said", [
+    (["finetune.probe.enabled=true", "model.head.hidden=[16]"], "asks for an MLP"),
+    (["finetune.probe.enabled=true", "model.head.binary=true"], "asks for one sigmoid logit"),
+    (["checkpoint.patience=2", "data.val_split=null"], "data.val_split is null"),
+    (["data.class_weights=true", "data.balanced_sampling=0.5"], "choose one"),
+    (["data.classes=[cat, dog, cat]"], r"data.classes: .*named more than once: \['cat'\]"),
+])
+def test_settings_that_cannot_go_together_are_refused_before_any_work(tmp_path, shard_dir, overrides, said):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, shard_dir))
+    with pytest.raises(ConfigError, match=said):
+        load_config(path, overrides)
+
+
 def test_train_cli_exits_nonzero_naming_the_key(tmp_path, shard_dir):
     import subprocess
     import sys

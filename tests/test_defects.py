@@ -371,6 +371,9 @@ def test_splits_sizes_and_heads_that_cannot_work_are_refused_before_writing(tmp_
     (tmp_path / "noval" / "dataset.json").write_text(json.dumps(index))
     with pytest.warns(UserWarning, match="data.val_split='val': .* has no such split, so the run goes without"):
         train(Config.model_validate(tiny_config(tmp_path, tmp_path / "noval", epochs=1)))
+    with pytest.raises(DataError, match=r"checkpoint.patience stops on a validation metric, and .* has no split 'val'"):
+        train(Config.model_validate(tiny_config(tmp_path / "p", tmp_path / "noval", **{"checkpoint.patience": 2})))
+    assert not (tmp_path / "p" / "run").exists()
 
 
 def test_damaged_weight_files_and_export_metadata_are_one_line(tmp_path, shard_dir, image_folder):

@@ -51,3 +51,37 @@ def test_fewer_views_than_epochs_reuse_the_cache(tmp_path, shard_dir):
     assert len(epochs) == 3
     # training went on after the fill: the head moved between epoch 2 and 3 on cached features
     assert epochs[1]["train/loss"] != epochs[2]["train/loss"]
+
+
+def test_a_head_only_stage_after_an_unfreeze_runs_the_trained_backbone(tmp_path, shard_dir):
+    """Head only, all, head only: epoch 3's features come from the backbone epoch 2 trained, so the
+    cached run (epoch 1 cached only) ends with the uncached run's weights, not a head fit to stale features."""
+    plan = {"finetune.stages": [{"epoch": 0, "train": 1}, {"epoch": 1, "train": "all"}, {"epoch": 2, "train": 1}],
+            "finetune.cache_views": 3}
+    train(Config.model_validate(tiny_config(tmp_path / "u", shard_dir, **plan, **{"finetune.cache_frozen": False})))
+    train(Config.model_validate(tiny_config(tmp_path / "c", shard_dir, **plan)))
+    a = load_file(str(tmp_path / "u" / "run" / "model.safetensors"))
+    b = load_file(str(tmp_path / "c" / "run" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
+    views = sorted(p.name for p in (tmp_path / "c" / "run" / "feature_cache").rglob("view*.pt"))
+    assert views == ["view0.pt"]  # one leading head-only epoch: K is 1, not 3
+
+
+def test_the_cache_identity_follows_how_the_backbone_is_built(tmp_path, shard_dir):
+    """A rerun in the same output_dir that builds the backbone differently gets its own feature files."""
+    from contextlib import closing
+
+    from dtl.linear_probe import cache_identity
+    from dtl.run_setup import build_run
+
+    run = build_run(Config.model_validate(tiny_config(tmp_path, shard_dir)), ())
+    with closing(run.data):
+        before = cache_identity(run)
+        assert cache_identity(run) == before  # stable for the same run
+        for key, value in (("head_module", "classifier"), ("weights_map", "positional"),
+                           ("factory_kwargs", {"width": 2})):
+            cfg = run.cfg
+            run.cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={key: value})})
+            assert cache_identity(run) != before, key
+            run.cfg = cfg

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from dtl.checkpoints import read_export_meta
 from dtl.run_config import Config
+from dtl.run_finish import FinishedRunError
 from dtl.train import train
 
 
@@ -69,10 +70,9 @@ def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path, shard_dir):
         "checkpoint.patience": 1, "optim.lr": 1e-12, "finetune.stages": [{"epoch": 0, "train": 1}]}))
     s = train(cfg).summary  # an lr of 1e-12 leaves validation accuracy where it was
     assert s["epochs_trained"] == 2 and s["best_epoch"] == 1
-    from dtl.run_finish import FinishedRunError
-
-    with pytest.raises(FinishedRunError, match="stopped early"):  # an early-stopped run is finished
+    with pytest.raises(FinishedRunError, match="stopped early") as e:  # an early-stopped run is finished
         train(cfg)
+    assert "Raise epochs=" not in str(e.value) and "Set another output_dir" in str(e.value)  # more epochs would not train
 
 
 def test_tta_flips_on_the_test_and_validation_only_when_asked(tmp_path, shard_dir):
@@ -102,8 +102,11 @@ def test_probe_features_are_cached_and_reused(tmp_path, shard_dir):
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
     cfg.resume = "auto"
-    again = train(cfg).summary  # epochs=0 leaves no checkpoint: the probe runs again, from the cache
-    assert cached[0].stat().st_mtime_ns == stamp and again["test/acc"] == first["test/acc"]
+    with pytest.raises(FinishedRunError, match=r"is a finished run \(0 epochs, test acc"):
+        train(cfg)  # a probe-only run is finished too, though it leaves no checkpoint
+    cfg.epochs = 1
+    more = train(cfg).summary  # fine-tuning after the probe: its features come from the cache
+    assert cached[0].stat().st_mtime_ns == stamp and more["epochs_trained"] == 1 and first["epochs_trained"] == 0
 
 
 def test_dtl_compare_runs_the_three_arms_on_the_same_split(tmp_path, shard_dir):
@@ -152,7 +155,9 @@ def test_dtl_compare_refuses_a_bad_config_before_any_arm_trains(tmp_path, shard_
     from conftest import write_config
 
     path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, shard_dir))
-    for args, said in ((["--set", "optim.lrr=1"], "optim.lrr"), (["--config", str(tmp_path / "no.yaml")], "no.yaml")):
+    for args, said in ((["--set", "optim.lrr=1"], "optim.lrr"), (["--config", str(tmp_path / "no.yaml")], "no.yaml"),
+                       (["--set", "data.test_split=null"], "data.test_split is null"),
+                       (["--set", "data.test_split=holdout"], "has no split 'holdout' (data.test_split)")):
         r = subprocess.run([sys.executable, "-m", "dtl.cli", "compare", "--config", str(path), "--out",
                             str(tmp_path / "cmp"), *args], capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr and said in r.stderr, r.stderr[-2000:]
@@ -203,6 +208,10 @@ def test_lr_find_writes_a_curve_and_suggests_a_rate(tmp_path, shard_dir):
     bad = subprocess.run([sys.executable, "-m", "dtl.cli", "lr-find", "--config", str(path), "--stage", "9"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "the plan has stages 0..2" in bad.stderr
+    # batches larger than the training samples: refused in one line (the sweep never moved and hung)
+    big = subprocess.run([sys.executable, "-m", "dtl.cli", "lr-find", "--config", str(path), "data.batch_size=64"],
+                         capture_output=True, text=True, timeout=120)
+    assert big.returncode == 2 and "fewer than data.batch_size = 64" in big.stderr, big.stderr[-2000:]
 
 
 def test_mixup_cutmix_and_random_erasing_train_and_resume_exactly(tmp_path, shard_dir):

@@ -55,6 +55,28 @@ def test_every_optimizer_trains_with_group_rates_and_stages(tmp_path, shard_dir,
     assert result.summary["steps"] == 4 and loss == loss and loss < 1e3  # trained, not NaN
 
 
+@pytest.mark.parametrize("name, unset, given", [("sgd", 0.9, 0.5), ("rmsprop", 0.0, 0.5)])
+def test_momentum_survives_the_runs_own_config_yaml(tmp_path, name, unset, given):
+    """Retraining from a run's config.yaml (every key written out) builds the same optimizer: RMSprop's
+    momentum once depended on whether the key had been written, and config.yaml always wrote 0.9."""
+    import yaml
+    from torch import nn
+
+    from dtl.finetune_plan import FinetunePlan
+    from dtl.layer_groups import layer_groups
+    from dtl.optimization import build_optimizer
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model.dtl_head = "1"  # the head, as create_classifier marks its own models
+    for momentum, expected in ((None, unset), (given, given)):
+        cfg = Config.model_validate({"model": {"backbone": "x"}, "data": {"root": str(tmp_path)},
+                                     "optim": {"name": name, "momentum": momentum}})
+        again = Config.model_validate(yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))))
+        for c in (cfg, again):
+            plan = FinetunePlan(c.finetune, layer_groups(model, "coarse", [r"^0\."]), c.optim.lr)
+            assert build_optimizer(model, plan, c.optim).param_groups[0]["momentum"] == expected
+
+
 def test_ordinal_soft_labels_spread_over_the_neighbouring_levels():
     """SORD targets: peaked at the true level, symmetric neighbours, farther levels less; label
     smoothing on top; a narrow Gaussian is plain (smoothed) cross-entropy; class weights weigh each

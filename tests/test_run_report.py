@@ -76,7 +76,9 @@ def test_dtl_eval_and_predict_at_scale(tmp_path, shard_dir, image_folder):
                        (["predict", str(weights), str(tmp_path / "ev" / "*.nothing")], "no file matches"),
                        (["predict", str(weights), str(tmp_path / "ev" / "report"), "--csv", str(tmp_path)], "a folder"),
                        (["predict", str(weights), str(image_folder / "circle"), "--csv", str(tmp_path / "no" / "p.csv")],
-                        "does not exist")):
+                        "does not exist"),
+                       (["predict", str(weights), str(image_folder / "circle"), "--device", "gpu",
+                         "--csv", str(tmp_path / "a_file")], "--device gpu: not a device name")):
         r = subprocess.run([sys.executable, "-m", "dtl.cli", *args], capture_output=True, text=True)
         assert r.returncode == 2 and "Traceback" not in r.stderr and said in r.stderr, (args, r.stderr[-2000:])
     assert (tmp_path / "a_file").read_text() == "mine"
@@ -90,6 +92,41 @@ def test_dtl_eval_and_predict_at_scale(tmp_path, shard_dir, image_folder):
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert r.returncode == 2 and len(rows) == 24 + 6 + 1
     assert rows[-1]["error"] and all(row["class"] in CLASSES for row in rows[:-1])
+
+
+def test_dtl_eval_reads_labels_from_the_field_the_model_trained_on(tmp_path):
+    """Shards labelled in `txt`: the export records data.label_field, so `dtl eval` reads the same field
+    without being told; `--label-field` overrides it, and a field the shards lack is named in one line."""
+    import json
+    import subprocess
+    import sys
+
+    import webdataset as wds
+
+    from conftest import encode, make_image
+    from dtl.shard_writer import index_shards
+
+    for split, n in (("train", 24), ("test", 9)):
+        with wds.ShardWriter(str(tmp_path / f"{split}-%d.tar"), maxcount=100) as sink:
+            for i in range(n):
+                sink.write({"__key__": f"{split}{i}", "jpg": encode(make_image(i % 3, i + 100 * len(split))),
+                            "txt": CLASSES[i % 3]})
+    index_shards(tmp_path, {"train": "train-0.tar", "test": "test-0.tar"}, CLASSES, "txt")
+    index = json.loads((tmp_path / "dataset.json").read_text())
+    cfg = tiny_config(tmp_path, tmp_path, epochs=1, **{"data.label_field": "txt", "data.val_split": None})
+    train(Config.model_validate(cfg))
+    weights = str(tmp_path / "run" / "model.safetensors")
+
+    def dtl_eval(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dtl.cli", "eval", weights, "--data", str(tmp_path),
+                               "--num-workers", "0", *extra], capture_output=True, text=True)
+    r = dtl_eval()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "eval-test" / "eval.json").read_text())["samples"] == 9
+    bad = dtl_eval("--label-field", "cls", "--out", str(tmp_path / "ev2"))
+    assert bad.returncode == 2 and "missing label field 'cls'" in bad.stderr and "Traceback" not in bad.stderr, \
+        bad.stderr[-2000:]
+    assert index["splits"]["test"]["count"] == 9
 
 
 def test_tensorboard_scalars_and_confusion_figures(tmp_path, shard_dir):
@@ -126,3 +163,15 @@ def test_a_resumed_report_drops_the_records_its_checkpoint_had_not_reached(tmp_p
     report.run_start(SimpleNamespace(out=tmp_path, state=SimpleNamespace(step=4)))  # resumed at epoch 1's end
     assert [r["epoch"] for r in report.epochs] == [1] and [r["step"] for r in report.steps] == [2]
     assert report.probe["probe/epochs"] == 9
+    # a record cut short by a kill or a full disk: metrics.jsonl drops it, and the resumed run writes on
+    from dtl.run_observers import MetricsFile
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 10, "epoch": 2, "train/lo')
+    metrics, report, run = MetricsFile(path), RunReport(), SimpleNamespace(out=tmp_path, state=SimpleNamespace(step=8))
+    for observer in (metrics, report):  # the order the run attaches them in
+        observer.run_start(run)
+    assert [r["epoch"] for r in report.epochs] == [1, 2]
+    metrics.write({"step": 10, "epoch": 2, "train/loss_step": 0.5})
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == len(rows) + 1 and lines[-1]["train/loss_step"] == 0.5

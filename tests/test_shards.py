@@ -219,6 +219,14 @@ def test_missing_split_and_index(tmp_path, shard_dir):
         _stream(tmp_path, "train", shards={"train": str(shard_dir / "train-*.tar")})
 
 
+def test_an_overstated_sample_count_is_named(shard_dir):
+    """Shards without counts, fewer than the slots: the slot runs out before its share of the declared count."""
+    one = sorted(shard_dir.glob("train-*.tar"))[0]
+    stream = _stream(shard_dir, train=True, world=2, shards={"train": str(one)}, samples={"train": 100})
+    with pytest.raises(DataError, match=r"fewer samples than the 100 declared \(data.samples.train\)"):
+        _ids(stream)
+
+
 def test_index_command_for_foreign_shards(tmp_path):
     with wds.ShardWriter(str(tmp_path / "f-%02d.tar"), maxcount=4) as sink:
         for i in range(10):
@@ -234,6 +242,23 @@ def test_index_command_for_foreign_shards(tmp_path):
     with pytest.raises(DataError, match=r"sample k0: .*missing label field 'cls' \(data.label_field='cls'; "
                                         r"the sample's fields: \['jpg', 'txt'\]\)"):
         _ids(_stream(tmp_path))  # the default field, on shards that carry the label as txt
+    # pipe: commands are stored as written (not as paths relative to the folder) and read back
+    piped = tmp_path / "piped"
+    r = subprocess.run([sys.executable, "-m", "dtl.cli", "shards", "index", str(piped), "--split",
+                        f"train=pipe:cat {tmp_path}/f-{{00..02}}.tar", "--classes", ",".join(CLASSES),
+                        "--label-field", "txt"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    names = [s["name"] for s in json.loads((piped / "dataset.json").read_text())["splits"]["train"]["shards"]]
+    assert names == [f"pipe:cat {tmp_path}/f-{i:02d}.tar" for i in range(3)]
+    assert len(_ids(_stream(piped, label_field="txt"))) == 10
+    bad = subprocess.run([sys.executable, "-m", "dtl.cli", "shards", "index", str(piped), "--split", "f-00.tar",
+                          "--classes", ",".join(CLASSES)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "'f-00.tar': expected NAME=PATTERN" in bad.stderr, bad.stderr
+    before = (tmp_path / "dataset.json").read_bytes()
+    again = subprocess.run([sys.executable, "-m", "dtl.cli", "shards", "index", str(tmp_path), "--split",
+                            "train=f-00.tar", "--classes", ",".join(CLASSES)], capture_output=True, text=True)
+    assert again.returncode == 2 and "dataset.json exists: remove it" in again.stderr, again.stderr
+    assert (tmp_path / "dataset.json").read_bytes() == before
 
 
 def test_shards_cli_help():
@@ -280,3 +305,21 @@ def test_shard_writer_checks_images_fractions_and_its_folder_before_writing(tmp_
     r = shards(str(one), str(tmp_path / "o4"))
     assert r.returncode == 2 and "needs at least two" in r.stderr
     assert not any((tmp_path / d).exists() for d in ("o2", "o3", "o4"))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda ix: ix["splits"]["train"]["shards"][0].update(count="8"), r"count '8' is not a whole number"),
+    (lambda ix: ix["splits"]["train"]["shards"][0].update(count=-1), r"count -1 is not a whole number"),
+    (lambda ix: ix["splits"]["train"]["shards"][0].update(name=7), r"shard name 7 is not a file name"),
+    (lambda ix: ix["splits"]["train"].update(class_counts="many"), r"'class_counts' must be a list"),
+    (lambda ix: ix["splits"]["train"].update(class_counts=[1, 2]), r"2 class counts for 3 classes"),
+    (lambda ix: ix.update(classes=["a", "a", "b"]), r"'classes' has duplicates"),
+])
+def test_a_malformed_dataset_json_is_named_in_one_line(tmp_path, shard_dir, mutate, message):
+    """Each broken field of dataset.json is a DataError naming the file and field, not a TypeError later."""
+    index = json.loads((shard_dir / "dataset.json").read_text())
+    mutate(index)
+    (tmp_path / "dataset.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match=message) as e:
+        read_index(str(tmp_path))
+    assert "dataset.json" in str(e.value)
