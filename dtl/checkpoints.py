@@ -269,6 +269,9 @@ def settle_best(out: str | Path, resume_from: Optional[Path]) -> None:
 def read_export_meta(path: str | Path) -> dict:
     from safetensors import safe_open
 
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path} is a folder: pass an exported file (model.safetensors, best.safetensors or "
+                              f"probe.safetensors of a run)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -270,7 +270,8 @@ def _add_use_commands(sub) -> None:
     e.add_argument("--data", required=True, help="folder or URL prefix holding dataset.json and the shards")
     e.add_argument("--split", default="test", help="split of dataset.json to evaluate")
     e.add_argument("--tta", choices=["none", "hflip", "flips", "dihedral"], default="none", help="test-time augmentation")
-    e.add_argument("--out", help="folder for eval.json and report/ (default: next to the weights, eval-SPLIT)")
+    e.add_argument("--out", help="folder for eval.json and report/, one that holds neither yet (default: next to the "
+                                        "weights, eval-WEIGHTS-SPLIT, e.g. eval-best-test)")
     e.add_argument("--batch-size", type=_int_at_least(1), default=64, help="per process")
     e.add_argument("--num-workers", type=_int_at_least(0), default=2, help="DataLoader workers per process")
     e.add_argument("--on-error", choices=["error", "skip"], default="error",

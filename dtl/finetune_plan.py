@@ -69,8 +69,9 @@ class FinetunePlan:
         return 1 << 30
 
     def describe(self, epochs: Optional[int] = None) -> str:
-        """The plan as printed at the start of a run; with `epochs`, stages that start at or after
-        the last epoch say they never run, and groups only they would train show as frozen."""
+        """The plan as printed at the start of a run, its epochs counted from 1 as the epoch lines are
+        (the config's 0-based `epoch` beside them); with `epochs`, stages that start at or after the
+        last epoch say they never run, and groups only they would train show as frozen."""
         n = len(self.groups)
         reached = [s for s in self.stages if epochs is None or s.epoch < epochs] or self.stages[:1]
         lines = [f"fine-tune plan: {n} layer groups, {len(self.stages)} stages"]
@@ -78,7 +79,8 @@ class FinetunePlan:
             names = [g.name for g in self.groups[s.first_group:]]
             shown = names if len(names) <= 4 else [names[0], "...", *names[-2:]]
             never_runs = "" if s in reached else f" - never runs: epochs={epochs}"
-            lines.append(f"  stage {s.index}: from epoch {s.epoch}, train {n - s.first_group}/{n} groups "
+            lines.append(f"  stage {s.index}: from epoch {s.epoch + 1} (finetune.stages epoch {s.epoch}), "
+                         f"train {n - s.first_group}/{n} groups "
                          f"({', '.join(shown)}), lr x{s.lr_mult:g}{never_runs}")
         never = min(s.first_group for s in reached)  # groups no stage trains: their rate is never used
         rates = ["frozen" if i < never else f"{lr:.2e}" for i, lr in enumerate(self.group_lrs)]

@@ -92,13 +92,20 @@ def _sweep(model, plan, trainable, data, optimizer, ratios, criterion, start_lr,
     return lrs, losses
 
 
-def _steepest(lrs: list[float], losses: list[float]) -> float:
-    """The rate where the smoothed loss falls fastest per log-lr (fastai's `steep`)."""
+def _steepest(lrs: list[float], losses: list[float], skip_start: int = 10) -> float:
+    """The rate where the smoothed loss falls fastest per log-lr (fastai's `steep`), looked for
+    between the first `skip_start` steps (the running average is still settling there: its slope
+    is an artefact) and the loss's minimum (past it the loss climbs). Too few steps in that span:
+    a tenth of the rate at the minimum (fastai's `minimum`)."""
     if len(lrs) < 3:
         return lrs[0] if lrs else float("nan")
+    low = min(range(len(losses)), key=losses.__getitem__)
+    start = min(skip_start, len(lrs) // 10)
+    if low - start < 2:
+        return lrs[low] / 10
     logs = [math.log10(x) for x in lrs]
-    grads = [(losses[i + 1] - losses[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(1, len(lrs) - 1)]
-    return lrs[1 + min(range(len(grads)), key=grads.__getitem__)]
+    grads = {i: (losses[i + 1] - losses[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(max(1, start), low)}
+    return lrs[min(grads, key=grads.__getitem__)]
 
 
 def _plot(result: dict, path: Path, title: str) -> None:

@@ -28,9 +28,12 @@ def evaluate_export(weights: str, root: str, split: str = "test", tta: str = "no
                     label_field: Optional[str] = None) -> dict:
     """Metrics of `weights` on `root`'s `split`; the classes must be the model's. Labels are read
     from `label_field`, by default the one the model was trained on (its export records it)."""
-    out_dir = Path(out or Path(weights).parent / f"eval-{split}")
+    out_dir = Path(out or Path(weights).parent / f"eval-{Path(weights).stem}-{split}")
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} is a file; eval writes a folder (eval.json and report/)")
+    taken = [p.name for p in (out_dir / "eval.json", out_dir / "report") if p.exists()]
+    if taken:  # an earlier eval's results, or a training run's own report: never replaced
+        raise DataError(f"--out {out_dir} already holds {' and '.join(taken)}: pass another --out (or remove them)")
     model, meta = load_exported(weights)
     index = read_index(root)
     classes = resolve_classes(root, None, index)
@@ -46,6 +49,9 @@ def evaluate_export(weights: str, root: str, split: str = "test", tta: str = "no
     with closing(data):
         result = evaluate(acc, ParallelStrategy(acc), model, data, stream, len(classes), split,
                           meta["preprocessing"]["input_size"], tta=tta)
+    if not result.metrics["samples"]:
+        raise DataError(f"{root}: no sample of split {split!r} could be read (--on-error skip left every one out; "
+                        f"see the warnings above): no metrics to report, nothing written")
     if acc.is_main_process:
         (out_dir / "report").mkdir(parents=True, exist_ok=True)
         write_test_report(result, classes, source.urls, out_dir / "report")

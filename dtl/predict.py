@@ -17,6 +17,7 @@ from dtl.data_pipeline import build_transform
 from dtl.dataset_index import IMAGE_EXTENSIONS, DataError
 from dtl.evaluation import predict_logits
 from dtl.run_config import AugmentConfig
+from dtl.shard_stream import load_rgb
 from dtl.user_errors import DtlError
 
 
@@ -93,7 +94,7 @@ def _predict(model, meta: dict, paths: list[str], top_k: int, batch_size: int, d
     for path in paths:
         try:
             with Image.open(path) as img:
-                tensor = transform(img.convert("RGB"))
+                tensor = transform(load_rgb(img))  # as training decodes it (16-bit grey scaled, not clipped)
         except Exception as e:
             yield from flush() if pending else ()
             yield {"image": str(path), "error": f"cannot read image ({type(e).__name__}: {e})"}

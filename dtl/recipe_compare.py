@@ -76,13 +76,30 @@ def _finished_row(out: Path, overrides: list[str], config: str) -> Optional[dict
     return json.loads((out / "summary.json").read_text())
 
 
+def arm_dir(out_root: Path, arm: str, seed: int) -> Path:
+    return out_root / f"{arm.replace(' ', '_').replace(',', '')}-seed{seed}"
+
+
+def _refuse_other_finished(out: Path, overrides: list[str], config: str) -> None:
+    """An arm folder holding a finished run of other settings (an earlier compare's, with another
+    --set or config) is refused, naming the changes, before any arm trains."""
+    from dtl.run_config import changed_settings, load_config
+
+    if not (out / "summary.json").is_file():
+        return
+    changed = changed_settings(out, load_config(config, overrides))
+    if changed:
+        raise DtlError(f"{out} holds a finished run with other settings ({'; '.join(changed)}): nothing was "
+                       f"run or removed; pass another --out")
+
+
 def run_arm(config: str, arm: str, seed: int, out_root: Path, extra: list[str], full_lr: Optional[float]) -> dict:
     """One arm, one seed, as its own `dtl train` process; returns its summary row.
 
     An arm that an earlier `dtl compare` into the same `--out` finished with the same settings is
-    read back, not trained again; any other content of its folder is replaced.
+    read back, not trained again; an unfinished one (an interrupted compare's) is replaced.
     """
-    out = out_root / f"{arm.replace(' ', '_').replace(',', '')}-seed{seed}"
+    out = arm_dir(out_root, arm, seed)
     overrides = arm_overrides(arm, seed, out, extra, full_lr)
     overrides.append("resume=never")  # the folder was just cleared: a checkpoint there would not be this arm's
     cmd = [sys.executable, "-m", "dtl.train", "--config", config, *overrides]
@@ -142,11 +159,21 @@ def compare(config: str, seeds: list[int], out: str, arms: Optional[list[str]] =
     unknown = sorted(set(arms or []) - set(ARMS))
     if unknown:
         raise DtlError(f"--only {unknown}: no such arm; the arms are {list(ARMS)}")
+    if len(set(seeds)) != len(seeds):
+        raise DtlError(f"--seeds {' '.join(map(str, seeds))}: each seed once (a repeated seed repeats the same "
+                       f"run and shrinks the spread)")
     out_root = Path(out)
+    if out_root.exists() and not out_root.is_dir():
+        raise DtlError(f"--out {out_root} is a file; compare writes a folder (an arm per seed and compare.json)")
     for arm in ARMS:
         if not arms or arm in arms:
             cfg = load_config(config, arm_overrides(arm, seeds[0], out_root / "check", extra or [], full_lr))
     _check_test_split(cfg.data)
+    for seed in seeds:  # a finished arm of other settings is someone's results: never replaced
+        for arm in ARMS:
+            if not arms or arm in arms:
+                _refuse_other_finished(arm_dir(out_root, arm, seed), arm_overrides(arm, seed, arm_dir(out_root, arm, seed),
+                                                                                  extra or [], full_lr), config)
     out_root.mkdir(parents=True, exist_ok=True)
     rows = [run_arm(config, arm, seed, out_root, extra or [], full_lr)
             for seed in seeds for arm in ARMS if not arms or arm in arms]

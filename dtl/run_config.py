@@ -532,6 +532,8 @@ def load_config(path: Optional[str | Path], overrides: list[str] | None = None) 
         base = OmegaConf.create({})
         if path:
             p = Path(path)
+            if p.is_dir():
+                raise ConfigError(f"--config {p} is a folder: pass the YAML file (e.g. {p / 'config.yaml'})")
             if not p.is_file():
                 raise ConfigError(f"config file not found: {p}")
             try:
@@ -560,9 +562,29 @@ def load_config(path: Optional[str | Path], overrides: list[str] | None = None) 
         where = f"{source} with overrides {overrides}" if overrides else source
         raise ConfigError(f"{where}: {_one_line(e)}") from None
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(f"invalid config ({source}): {_format(e)}") from None
+    if path:
+        _refuse_own_config_yaml(Path(path), cfg)
+    return cfg
+
+
+def _refuse_own_config_yaml(path: Path, cfg: Config) -> None:
+    """The run writes its resolved config to output_dir/config.yaml: a config file of the user's at
+    that very path would be overwritten (comments, unset defaults and all). dtl's own file is fine."""
+    target = Path(cfg.output_dir) / "config.yaml"
+    if not target.exists() or path.resolve() != target.resolve():
+        return
+    text = path.read_text(encoding="utf-8")
+    try:
+        own = text == dump_config(Config.model_validate(yaml.safe_load(text)))
+    except (ValidationError, yaml.YAMLError):
+        own = False
+    if not own:
+        raise ConfigError(f"--config {path} is where the run writes its resolved config "
+                          f"(output_dir/config.yaml), and would be overwritten: keep your config outside "
+                          f"output_dir (e.g. configs/NAME.yaml)")
 
 
 def _one_line(e: BaseException) -> str:

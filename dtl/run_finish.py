@@ -195,7 +195,7 @@ def finish(run, val: Optional[EvalResult]) -> RunResult:
     summary: dict = {"epochs": run.cfg.epochs, "epochs_trained": state.epoch, "steps": state.step,
                      "best_epoch": state.best_epoch + 1 if state.best_epoch is not None else None,  # as printed
                      "monitor": run.cfg.checkpoint.monitor, f"val/best_{key}": state.best_metric,
-                     "best_weights": state.best_source,
+                     "best_weights": "probe" if state.best_epoch == -1 else state.best_source,  # model, ema or probe
                      "wall_time_s": run.wall_time(), "train/images": state.images_seen}
     if val is not None:
         summary.update({f"val/{k}": v for k, v in val.metrics.items()})

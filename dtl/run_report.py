@@ -87,6 +87,12 @@ def _dir(run) -> Path:
     return out
 
 
+def stage_change_steps(plan, steps_per_epoch: int, last_step: int) -> list[int]:
+    """Optimizer steps at which a later stage began, up to `last_step`: a stage planned past the
+    run's epochs never ran and gets no line."""
+    return [s.epoch * steps_per_epoch for s in plan.stages[1:] if s.epoch * steps_per_epoch <= last_step]
+
+
 def plot_curves(epochs: list[dict], steps: list[dict], probe: Optional[dict], plan, steps_per_epoch: int,
                 path: Path, title: str) -> None:
     """Loss, accuracy, macro-F1 per epoch (1-based; the probe at 0) and per-group lrs per step."""
@@ -123,8 +129,8 @@ def plot_curves(epochs: list[dict], steps: list[dict], probe: Optional[dict], pl
     if not lr_keys:
         ax.text(0.5, 0.5, "no step logged yet (log_every_steps)", ha="center", va="center", transform=ax.transAxes,
                 color="grey")
-    for s in plan.stages[1:]:
-        ax.axvline(s.epoch * steps_per_epoch, color="grey", linestyle=":", linewidth=1)
+    for at in stage_change_steps(plan, steps_per_epoch, steps[-1]["step"] if steps else 0):
+        ax.axvline(at, color="grey", linestyle=":", linewidth=1)
     ax.set_title("learning rate per layer group (dotted: stage changes)")
     ax.set_xlabel("optimizer step")
     ax.grid(alpha=0.3)
@@ -256,8 +262,10 @@ def write_markdown(run, summary: dict, out: Path) -> None:
     best = s.get("best_epoch")
     lines = [f"# {run.out.name}: {run.cfg.model.backbone} on {run.cfg.data.root}", "",
              f"{len(run.classes)} classes; {s.get('epochs_trained')} epochs, {s.get('steps')} steps, "
-             f"{s.get('wall_time_s', 0) / 60:.1f} min; selected weights (best.safetensors): "
-             f"{'the probe' if best == 0 else f'epoch {best}'} by {s.get('monitor')}.", "",
+             f"{s.get('wall_time_s', 0) / 60:.1f} min; " + (
+                 "no validation split, so no selection: the test is the final weights' (model.safetensors)."
+                 if best is None else f"selected weights (best.safetensors): "
+                 f"{'the probe' if best == 0 else f'epoch {best}'} by {s.get('monitor')}."), "",
              recipe_line(run.cfg), "",
              "| split | acc | macro-F1 | balanced acc |", "| --- | --- | --- | --- |"]
     for name, prefix in (("test (selected)", "test/"), ("test (final weights)", "test_final/"), ("val (last epoch)", "val/")):

@@ -133,7 +133,24 @@ def load_rgb(img: Image.Image, draft_size: Optional[int] = None) -> Image.Image:
     img.load()
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
+    if img.mode.startswith("I") or img.mode == "F":  # 16-bit (and 32-bit) grey: PIL's convert clips at 255
+        img = _grey_to_8bit(img)
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _grey_to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (X-rays, microscopy, 16-bit PNG/TIFF) scaled to 8 bits, as its
+    viewer shows it, not clipped: 0..65535 -> 0..255. Values that already fit 8 bits (an 'I' or 'F'
+    image of 0..255), or a float image in 0..1, keep their scale."""
+    import numpy as np
+
+    a = np.asarray(img, dtype=np.float64)
+    top = float(a.max()) if a.size else 0.0
+    if img.mode.startswith("I;16") or top > 255:
+        a = a / 257.0
+    elif img.mode == "F" and top <= 1.0:
+        a = a * 255.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
 def balanced_repeats(class_counts: list[int], power: float) -> list[float]:
@@ -270,6 +287,8 @@ class ShardStream(IterableDataset):
                         for _ in samples:  # read to the archive's end, so the shard cache keeps the copy
                             pass
                     return
+        except FileNotFoundError:  # a local shard that is not there: nothing of it can be read
+            raise DataError(f"shard {url}: file not found (dataset.json lists it; moved or deleted?)") from None
         except Exception as e:  # tar or transport error: name the shard and where it broke
             lost = max(1, (stop or 0) - max(n, start))
             self._bad(url, key, f"unreadable shard after {n} samples ({type(e).__name__}: {e})", lost, max(n, start))
@@ -347,7 +366,8 @@ class ShardStream(IterableDataset):
     # -- decoding and policy -----------------------------------------------------------------
     def _bad(self, url: str, key: Optional[str], reason: str, lost: int = 1, position: Optional[int] = None) -> None:
         """Apply `on_error` to `lost` samples (more than one when a shard broke off early)."""
-        what = f"sample {key}" if lost == 1 else f"{lost} samples after {key}"
+        what = (f"sample {key}" if lost == 1 else f"{lost} samples after {key}" if key is not None
+                else f"{lost} samples from its start")
         msg = f"shard {url}, {what}: {reason}"
         if self.opt.on_error == "error":
             raise DataError(msg + "  (data.on_error=skip, or dtl eval --on-error skip, skips bad samples)")

@@ -47,6 +47,12 @@ def stratified_split(records: list[Record], fractions: dict[str, float], seed: i
             out[name].extend(items[start:start + n])
             start += n
         out["train"].extend(items[start:])
+    for name in rest:
+        if not out[name]:  # rounded to no image in every class: a split asked for, silently absent
+            sizes = sorted(len(v) for v in by_class.values())
+            raise DataError(f"the {name} fraction {fractions[name]:g} rounds to no image in any class (classes of "
+                            f"{sizes[0]}-{sizes[-1]} images): the {name} split would be empty; raise it, or set it "
+                            f"to 0 to go without")
     for name in out:
         rng.shuffle(out[name])
     return out
@@ -291,6 +297,10 @@ def index_shards(out_dir: str | Path, split_patterns: dict[str, str], classes: l
                   for url, (n, _) in zip(urls, results)]
         counts = [sum(c[i] for _, c in results) for i in range(len(classes))]
         add_split(index, split, shards, counts)
+    seen = [sum(sp["class_counts"][i] for sp in index["splits"].values()) for i in range(len(classes))]
+    if not all(seen):  # a class no shard labels: a wrong --classes list, or --label-field
+        raise DataError(f"--classes: no sample of {[c for c, n in zip(classes, seen) if not n]} in any split "
+                        f"(per class {seen}); nothing written")
     out.mkdir(parents=True, exist_ok=True)  # remote or piped shards need no local folder of their own
     write_index(out, index)
     return index

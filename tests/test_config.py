@@ -61,6 +61,26 @@ def test_settings_that_cannot_go_together_are_refused_before_any_work(tmp_path, 
         load_config(path, overrides)
 
 
+def test_a_users_config_inside_output_dir_is_never_overwritten(tmp_path, shard_dir):
+    """output_dir/config.yaml is the run's resolved config: a hand-written file there is refused, the
+    run's own (written by dtl) is fine to continue from; a folder as --config is named."""
+    from dtl.run_config import dump_config
+
+    cfg = tiny_config(tmp_path, shard_dir)
+    mine = tmp_path / "run" / "config.yaml"
+    mine.parent.mkdir()
+    write_config(mine, cfg)
+    text = "# my notes\n" + mine.read_text()
+    mine.write_text(text)
+    with pytest.raises(ConfigError, match=r"is where the run writes its resolved config"):
+        load_config(mine)
+    assert mine.read_text() == text
+    mine.write_text(dump_config(load_config(write_config(tmp_path / "c.yaml", cfg))))
+    assert load_config(mine, ["epochs=5"]).epochs == 5
+    with pytest.raises(ConfigError, match=r"is a folder: pass the YAML file"):
+        load_config(tmp_path / "run")
+
+
 def test_train_cli_exits_nonzero_naming_the_key(tmp_path, shard_dir):
     import subprocess
     import sys

@@ -174,6 +174,7 @@ def test_the_plan_printout_marks_groups_no_stage_trains_as_frozen():
     short = FinetunePlan(FinetuneConfig(stages=[StageConfig(epoch=0, train=1), StageConfig(epoch=1, train="all")]),
                          layer_groups(model), 1e-3).describe(epochs=1).splitlines()
     assert short[2].endswith("- never runs: epochs=1") and not short[1].endswith("epochs=1")
+    assert short[2].startswith("  stage 1: from epoch 2 (finetune.stages epoch 1), train 9/9")  # as the console counts
     assert short[-1].count("=frozen") == 8
 
 

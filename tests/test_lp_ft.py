@@ -146,6 +146,13 @@ def test_dtl_compare_runs_the_three_arms_on_the_same_split(tmp_path, shard_dir):
     for extra, same in ((["report=false"], True), (["optim.lr=0.02"], False), (["data.num_workers=2"], False)):
         overrides = [*arm_overrides("your plan", 0, out, extra, None), "resume=never"]
         assert (_finished_row(out, overrides, str(path)) is not None) == same, extra
+    # Such a compare into the same --out would replace finished runs: refused before any arm trains.
+    r = subprocess.run([sys.executable, "-m", "dtl.cli", "compare", "--config", str(path), "--out",
+                        str(tmp_path / "cmp"), "--seeds", "0", "--set", "optim.lr=0.02"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "holds a finished run with other settings (optim.lr: 0.01 -> 0.02)" in r.stderr, \
+        r.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in arm_files} == arm_files
 
 
 def test_dtl_compare_refuses_a_bad_config_before_any_arm_trains(tmp_path, shard_dir):
@@ -157,9 +164,12 @@ def test_dtl_compare_refuses_a_bad_config_before_any_arm_trains(tmp_path, shard_
     path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, shard_dir))
     for args, said in ((["--set", "optim.lrr=1"], "optim.lrr"), (["--config", str(tmp_path / "no.yaml")], "no.yaml"),
                        (["--set", "data.test_split=null"], "data.test_split is null"),
-                       (["--set", "data.test_split=holdout"], "has no split 'holdout' (data.test_split)")):
-        r = subprocess.run([sys.executable, "-m", "dtl.cli", "compare", "--config", str(path), "--out",
-                            str(tmp_path / "cmp"), *args], capture_output=True, text=True, cwd=tmp_path)
+                       (["--set", "data.test_split=holdout"], "has no split 'holdout' (data.test_split)"),
+                       (["--seeds", "0", "0"], "each seed once"),
+                       (["--out", str(path)], "is a file; compare writes a folder")):
+        out = [] if "--out" in args else ["--out", str(tmp_path / "cmp")]
+        r = subprocess.run([sys.executable, "-m", "dtl.cli", "compare", "--config", str(path), *out,
+                            *args], capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr and said in r.stderr, r.stderr[-2000:]
         assert not list((tmp_path / "cmp").glob("*/summary.json"))
 
@@ -214,6 +224,27 @@ def test_lr_find_writes_a_curve_and_suggests_a_rate(tmp_path, shard_dir):
     assert big.returncode == 2 and "fewer than data.batch_size = 64" in big.stderr, big.stderr[-2000:]
 
 
+def test_lr_find_suggests_a_rate_on_the_descent_not_the_smoothing_start():
+    """A sweep whose smoothed loss drops at its first steps (the running average settling) and falls
+    for real near 1e-2: the suggestion is on that descent, before the minimum (it was 1.2e-7)."""
+    import math
+
+    from dtl.lr_finder import _steepest
+
+    lrs = [1e-7 * (1e8 ** (i / 99)) for i in range(100)]
+    losses = []
+    for i, lr in enumerate(lrs):
+        settle = 0.3 * math.exp(-i)                            # steep artefact at steps 0-2
+        descent = 0.4 / (1 + math.exp(-(math.log10(lr) + 2.5) * 4))   # falls around 3e-3
+        climb = max(0.0, math.log10(lr) + 1.5) * 2              # diverges past ~3e-2
+        losses.append(1.6 + settle - descent + climb)
+    suggested = _steepest(lrs, losses)
+    low = lrs[min(range(100), key=losses.__getitem__)]
+    assert 1e-4 < suggested < low, (suggested, low)
+    rising = [2.0 + i for i in range(20)]                        # no descent at all: a tenth of the minimum's rate
+    assert _steepest(lrs[:20], rising) == lrs[0] / 10
+
+
 def test_mixup_cutmix_and_random_erasing_train_and_resume_exactly(tmp_path, shard_dir):
     aug = {"data.augment.mixup": 0.4, "data.augment.cutmix": 1.0, "data.augment.random_erasing": 0.25}
     full = train(Config.model_validate(tiny_config(tmp_path / "a", shard_dir, **aug))).summary
@@ -244,6 +275,7 @@ def test_probe_without_install_is_a_candidate_only(tmp_path, shard_dir):
         "enabled": True, "epochs": 60, "patience": 20, "lr": 0.05, "install": False}})
     result = train(cfg)
     assert result.summary["best_epoch"] == 0 and "test_final/acc" in result.summary  # best and final differ
+    assert result.summary["best_weights"] == "probe"
     best = load_file(str(tmp_path / "run" / "best.safetensors"))
     final = load_file(str(tmp_path / "run" / "model.safetensors"))
     w = "classifier.weight"

@@ -73,10 +73,13 @@ def test_dtl_eval_and_predict_at_scale(tmp_path, shard_dir, image_folder):
     assert f"{ev['acc']:.4f}" in report and "![confusion matrix](confusion.png)" in report and "| circle |" in report
     (tmp_path / "a_file").write_text("mine")
     for args, said in ((["eval", str(weights), "--data", str(shard_dir), "--out", str(tmp_path / "a_file")], "is a file"),
+                       (["eval", str(weights), "--data", str(shard_dir), "--out", str(tmp_path / "ev")],
+                        "already holds eval.json and report: pass another --out"),
                        (["predict", str(weights), str(tmp_path / "ev" / "*.nothing")], "no file matches"),
                        (["predict", str(weights), str(tmp_path / "ev" / "report"), "--csv", str(tmp_path)], "a folder"),
                        (["predict", str(weights), str(image_folder / "circle"), "--csv", str(tmp_path / "no" / "p.csv")],
                         "does not exist"),
+                       (["predict", str(tmp_path / "run"), str(image_folder / "circle")], "is a folder: pass an exported file"),
                        (["predict", str(weights), str(image_folder / "circle"), "--device", "gpu",
                          "--csv", str(tmp_path / "a_file")], "--device gpu: not a device name")):
         r = subprocess.run([sys.executable, "-m", "dtl.cli", *args], capture_output=True, text=True)
@@ -122,11 +125,14 @@ def test_dtl_eval_reads_labels_from_the_field_the_model_trained_on(tmp_path):
                                "--num-workers", "0", *extra], capture_output=True, text=True)
     r = dtl_eval()
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((tmp_path / "run" / "eval-test" / "eval.json").read_text())["samples"] == 9
+    assert json.loads((tmp_path / "run" / "eval-model-test" / "eval.json").read_text())["samples"] == 9
     bad = dtl_eval("--label-field", "cls", "--out", str(tmp_path / "ev2"))
     assert bad.returncode == 2 and "missing label field 'cls'" in bad.stderr and "Traceback" not in bad.stderr, \
         bad.stderr[-2000:]
     assert index["splits"]["test"]["count"] == 9
+    none = dtl_eval("--label-field", "cls", "--on-error", "skip", "--out", str(tmp_path / "ev3"))
+    assert none.returncode == 2 and "no sample of split 'test' could be read" in none.stderr, none.stderr[-2000:]
+    assert not (tmp_path / "ev3" / "eval.json").exists()  # no invented zeros
 
 
 def test_tensorboard_scalars_and_confusion_figures(tmp_path, shard_dir):
@@ -175,3 +181,30 @@ def test_a_resumed_report_drops_the_records_its_checkpoint_had_not_reached(tmp_p
     metrics.write({"step": 10, "epoch": 2, "train/loss_step": 0.5})
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(lines) == len(rows) + 1 and lines[-1]["train/loss_step"] == 0.5
+
+
+def test_curves_mark_only_the_stage_changes_the_run_reached(tmp_path, shard_dir):
+    """A plan whose third stage starts after the run's last epoch: curves.png draws one stage line."""
+    from dtl.backbones import create_classifier
+    from dtl.finetune_plan import FinetunePlan
+    from dtl.layer_groups import layer_groups
+    from dtl.run_report import stage_change_steps
+
+    cfg = tiny_config(tmp_path, shard_dir, epochs=3, report=True, **{"finetune.stages": [
+        {"epoch": 0, "train": 1}, {"epoch": 2, "train": 3}, {"epoch": 4, "train": "all"}]})
+    run = train(Config.model_validate(cfg))
+    steps = run.summary["steps"]
+    assert steps == 15
+    c = Config.model_validate(cfg)
+    plan = FinetunePlan(c.finetune, layer_groups(create_classifier("test_efficientnet", 3, pretrained=False), "coarse"),
+                        c.optim.lr)
+    assert stage_change_steps(plan, 5, steps) == [10]             # the stage at epoch 4 never ran
+    assert (tmp_path / "run" / "report" / "curves.png").stat().st_size > 20_000
+
+
+def test_a_report_without_validation_says_the_test_is_the_final_weights(tmp_path, shard_dir):
+    cfg = tiny_config(tmp_path, shard_dir, epochs=1, report=True, **{"data.val_split": None})
+    summary = train(Config.model_validate(cfg)).summary
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert summary["best_epoch"] is None and "epoch None" not in report
+    assert "no validation split, so no selection: the test is the final weights' (model.safetensors)." in report

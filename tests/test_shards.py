@@ -219,6 +219,17 @@ def test_missing_split_and_index(tmp_path, shard_dir):
         _stream(tmp_path, "train", shards={"train": str(shard_dir / "train-*.tar")})
 
 
+def test_a_missing_shard_file_is_named_as_missing(tmp_path, shard_dir):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(shard_dir, root)
+    gone = sorted(root.glob("val-*.tar"))[0]
+    gone.unlink()
+    with pytest.raises(DataError, match=rf"shard {gone}: file not found \(dataset.json lists it"):
+        _ids(_stream(root, "val"))
+
+
 def test_an_overstated_sample_count_is_named(shard_dir):
     """Shards without counts, fewer than the slots: the slot runs out before its share of the declared count."""
     one = sorted(shard_dir.glob("train-*.tar"))[0]
@@ -254,6 +265,11 @@ def test_index_command_for_foreign_shards(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dtl.cli", "shards", "index", str(piped), "--split", "f-00.tar",
                           "--classes", ",".join(CLASSES)], capture_output=True, text=True)
     assert bad.returncode == 2 and "'f-00.tar': expected NAME=PATTERN" in bad.stderr, bad.stderr
+    extra = subprocess.run([sys.executable, "-m", "dtl.cli", "shards", "index", str(tmp_path / "x"), "--split",
+                            f"train={tmp_path}/f-00.tar", "--classes", ",".join([*CLASSES, "hexagon"]),
+                            "--label-field", "txt"], capture_output=True, text=True)
+    assert extra.returncode == 2 and "no sample of ['hexagon'] in any split" in extra.stderr, extra.stderr
+    assert not (tmp_path / "x" / "dataset.json").exists()
     before = (tmp_path / "dataset.json").read_bytes()
     again = subprocess.run([sys.executable, "-m", "dtl.cli", "shards", "index", str(tmp_path), "--split",
                             "train=f-00.tar", "--classes", ",".join(CLASSES)], capture_output=True, text=True)
@@ -281,13 +297,16 @@ def test_shard_writer_checks_images_fractions_and_its_folder_before_writing(tmp_
     (src / "square" / "cut.png").write_bytes(cut[: len(cut) // 2])
     (src / "stripes" / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    r = shards(str(src), str(out))
+    r = shards(str(src), str(out), "--val", "0.25")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "fake.jpg: not a readable image" in r.stderr and "1 more bad images" in r.stderr and "cut.png" in r.stderr
     assert "BytesIO" not in r.stderr and not out.exists()
     (src / "circle" / "fake.jpg").unlink()
     (src / "square" / "cut.png").unlink()
-    r = shards(str(src), str(out))
+    r = shards(str(src), str(out))  # 4 images a class: --val 0.1 rounds to none in each
+    assert r.returncode == 2 and "the val fraction 0.1 rounds to no image in any class" in r.stderr, r.stderr
+    assert not out.exists()
+    r = shards(str(src), str(out), "--val", "0.25")
     assert r.returncode == 0 and "skipped 1 files that are not images by their extension (.txt: 1)" in r.stderr
     written = (out / "dataset.json").read_bytes()
     r = shards(str(src), str(out), "--val", "0.3")  # over a dataset that runs may read
@@ -295,7 +314,7 @@ def test_shard_writer_checks_images_fractions_and_its_folder_before_writing(tmp_
     r = shards(str(src), str(tmp_path / "o2"), "--val", "0.6", "--test", "0.6")
     assert r.returncode == 2 and "leave no images for training" in r.stderr
     (src / "empty").mkdir()
-    r = shards(str(src), str(tmp_path / "o3"))
+    r = shards(str(src), str(tmp_path / "o3"), "--val", "0.25")
     assert r.returncode == 2 and "empty: no images" in r.stderr
     one = make_folder(tmp_path / "one", per_class=2)
     for name in CLASSES[1:]:
@@ -323,3 +342,26 @@ def test_a_malformed_dataset_json_is_named_in_one_line(tmp_path, shard_dir, muta
     with pytest.raises(DataError, match=message) as e:
         read_index(str(tmp_path))
     assert "dataset.json" in str(e.value)
+
+
+def test_16_bit_grey_images_are_scaled_to_8_bits_not_clipped():
+    """A 16-bit PNG (X-rays, microscopy) decodes as its 8-bit twin; PIL's own convert clips at 255."""
+    import numpy as np
+    from PIL import Image
+
+    from dtl.shard_stream import load_rgb
+
+    grey8 = np.random.default_rng(0).integers(0, 256, (24, 24), dtype=np.uint8)
+    grey16 = grey8.astype(np.uint16) * 257          # the same picture at 16 bits
+    files = {}
+    for name, a in (("8", grey8), ("16", grey16)):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        files[name] = buf.getvalue()
+    assert Image.open(io.BytesIO(files["16"])).mode.startswith("I")
+    a8, a16 = (np.asarray(load_rgb(Image.open(io.BytesIO(files[n])))) for n in ("8", "16"))
+    assert a16.shape == (24, 24, 3) and np.array_equal(a8, a16)
+    clipped = np.asarray(Image.open(io.BytesIO(files["16"])).convert("L"))
+    assert (clipped == 255).mean() > 0.9             # what a plain convert gives: nearly all white
+    as_float = Image.fromarray(grey8.astype(np.float32) / 255, "F")   # a float image in 0..1
+    assert np.abs(np.asarray(load_rgb(as_float))[..., 0].astype(int) - grey8).max() <= 1
