@@ -254,16 +254,41 @@ def publish_best(out: str | Path) -> None:
         os.replace(pending, Path(out) / BEST_FILE)
 
 
-def settle_best(out: str | Path, resume_from: Optional[Path]) -> None:
-    """At start: selected weights a killed process left pending were written either before the
-    checkpoint resumed from (its best: published now) or after it (an epoch trained again: dropped)."""
-    pending = Path(out) / BEST_PENDING
-    if not pending.is_file():
-        return
-    if resume_from is not None and pending.stat().st_mtime_ns <= (Path(resume_from) / STATE_FILE).stat().st_mtime_ns:
-        publish_best(out)
-    else:
-        pending.unlink()
+def _export_step(path: Path) -> Optional[int]:
+    """The optimizer step an export was written at (its metadata); None if unreadable."""
+    try:
+        return int(read_export_meta(path)["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
+
+
+def best_newer_than(out: str | Path, step: int) -> bool:
+    """Whether best.safetensors was selected after `step`: a run resumed (resume=PATH) from a
+    checkpoint older than the one that recorded it."""
+    best = Path(out) / BEST_FILE
+    exported = _export_step(best) if best.is_file() else None
+    return exported is not None and exported > step
+
+
+def settle_best(out: str | Path, resume_step: Optional[int]) -> Optional[Path]:
+    """At start, make the best weights on disk those of the state the run continues from (`resume_step`,
+    None for a fresh start). Weights a killed process left pending were selected either at or before
+    that checkpoint's step (published now) or after it (dropped: their epoch is trained again). A
+    best.safetensors selected after it (resume=PATH to an older checkpoint) is moved aside, never
+    deleted; its new name is returned, and the run's selection starts again."""
+    out = Path(out)
+    pending = out / BEST_PENDING
+    if pending.is_file():
+        step = _export_step(pending)
+        if resume_step is not None and step is not None and step <= resume_step:
+            publish_best(out)
+        else:
+            pending.unlink()
+    if resume_step is not None and best_newer_than(out, resume_step):
+        aside = out / f"best.step{_export_step(out / BEST_FILE)}.safetensors"
+        os.replace(out / BEST_FILE, aside)
+        return aside
+    return None
 
 
 def read_export_meta(path: str | Path) -> dict:

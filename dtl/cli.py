@@ -271,7 +271,7 @@ def _add_use_commands(sub) -> None:
     e.add_argument("--split", default="test", help="split of dataset.json to evaluate")
     e.add_argument("--tta", choices=["none", "hflip", "flips", "dihedral"], default="none", help="test-time augmentation")
     e.add_argument("--out", help="folder for eval.json and report/, one that holds neither yet (default: next to the "
-                                        "weights, eval-WEIGHTS-SPLIT, e.g. eval-best-test)")
+                                        "weights, eval-WEIGHTS-SPLIT[-TTA], e.g. eval-best-test-flips)")
     e.add_argument("--batch-size", type=_int_at_least(1), default=64, help="per process")
     e.add_argument("--num-workers", type=_int_at_least(0), default=2, help="DataLoader workers per process")
     e.add_argument("--on-error", choices=["error", "skip"], default="error",
@@ -286,7 +286,7 @@ def _add_use_commands(sub) -> None:
     r.add_argument("images", nargs="+", help="image files, folders (searched recursively) or globs")
     r.add_argument("--top-k", type=_int_at_least(1), default=1, help="how many classes to list per image, most probable first")
     r.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per forward pass")
-    r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+    r.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when there is one)")
     r.add_argument("--tta", choices=["none", "hflip", "flips", "dihedral"], default="none", help="test-time augmentation")
     r.add_argument("--csv", help="write image, class, prob, error rows here instead of JSON lines")
 

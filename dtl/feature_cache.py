@@ -22,8 +22,9 @@ pooled pre-logit features, are computed once per view and the epochs train the h
 Only the leading head-only epochs are cached: once a stage has trained a backbone group, a later
 head-only stage runs the backbone as it is now. Under DDP the head is called outside the DDP
 wrapper, so its gradients are averaged here. Not used under FSDP, with mixup/cutmix (they mix
-images), with stochastic depth (`model.drop_path_rate`: it stays on in frozen blocks) or BatchNorm
-in train mode (`finetune.bn_frozen=false`: batch statistics), or when `finetune.cache_frozen=false`.
+images), with dropout or stochastic depth before the head (they stay on in frozen blocks), BatchNorm
+in train mode (`finetune.bn_frozen=false`: batch statistics), a head group that holds more than the
+head (ConvNeXt's `head.norm`), or when `finetune.cache_frozen=false`.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class FrozenFeatureCache:
         self.run = run
         self.views: dict[int, ViewCache] = {}
         self.val: Optional[list[dict]] = None
+        self.exact = _backbone_is_a_fixed_function(run)
         self.k = max(1, min(run.cfg.finetune.cache_views, self._head_only_epochs()))
         from dtl.linear_probe import cache_identity
 
@@ -77,8 +79,7 @@ class FrozenFeatureCache:
         still holds its starting weights (no earlier stage trained it) and its train-mode forward
         equals the eval-mode one the cache computes (frozen BatchNorm in eval mode, no drop-path)."""
         run, cfg = self.run, self.run.cfg
-        exact = (cfg.finetune.bn_frozen or cfg.finetune.bn_eval) and not cfg.model.drop_path_rate
-        return (cfg.finetune.cache_frozen and exact and run.mixup is None and not run.strategy.sharded
+        return (cfg.finetune.cache_frozen and self.exact and run.mixup is None and not run.strategy.sharded
                 and all(self._head_only(run.plan.stage_at(e)) for e in range(epoch + 1)))
 
     # -- storage ---------------------------------------------------------------------------
@@ -170,6 +171,27 @@ class FrozenFeatureCache:
             flush()
         vc.dirty = True
         self.save()
+
+
+def _backbone_is_a_fixed_function(run) -> bool:
+    """Whether, in a head-only stage, everything before the head computes in train mode what the
+    cache computes in eval mode, and the head group is the head module alone: frozen BatchNorm in
+    eval mode, no dropout or drop-path with p > 0 outside the head (torchvision's MobileNetV3 and
+    AlexNet keep dropout in their classifier body; timm's `drop_path_rate`), and no trainable
+    layer between the pooled features and the head (ConvNeXt's head group holds `head.norm`)."""
+    cfg = run.cfg
+    if not (cfg.finetune.bn_frozen or cfg.finetune.bn_eval):
+        return False
+    net = run.accelerator.unwrap_model(run.model)
+    head = head_name(net)
+    inside = lambda name: name == head or name.startswith(head + ".")  # noqa: E731
+    if not all(inside(p.rsplit(".", 1)[0]) for p in run.plan.groups[-1].params):
+        return False
+    for name, m in net.named_modules():
+        rate = getattr(m, "p", None) if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", None)
+        if rate and not inside(name):
+            return False
+    return True
 
 
 def head_inputs(run, images: torch.Tensor) -> torch.Tensor:

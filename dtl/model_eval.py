@@ -28,7 +28,8 @@ def evaluate_export(weights: str, root: str, split: str = "test", tta: str = "no
                     label_field: Optional[str] = None) -> dict:
     """Metrics of `weights` on `root`'s `split`; the classes must be the model's. Labels are read
     from `label_field`, by default the one the model was trained on (its export records it)."""
-    out_dir = Path(out or Path(weights).parent / f"eval-{Path(weights).stem}-{split}")
+    tag = "" if tta == "none" else f"-{tta}"
+    out_dir = Path(out or Path(weights).parent / f"eval-{Path(weights).stem}-{split}{tag}")
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} is a file; eval writes a folder (eval.json and report/)")
     taken = [p.name for p in (out_dir / "eval.json", out_dir / "report") if p.exists()]

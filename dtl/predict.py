@@ -70,8 +70,10 @@ def _device(name: Optional[str]) -> torch.device:
         raise DtlError(f"--device {name}: this machine has no CUDA GPU (torch sees none); use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise DtlError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if dev.type not in ("cpu", "cuda"):
-        raise DtlError(f"--device {name}: dtl predicts on cpu or cuda")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DtlError(f"--device {name}: this machine has no Apple GPU (torch sees none); use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise DtlError(f"--device {name}: dtl predicts on cpu, cuda or mps")
     return dev
 
 

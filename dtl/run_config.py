@@ -577,9 +577,9 @@ def _refuse_own_config_yaml(path: Path, cfg: Config) -> None:
     if not target.exists() or path.resolve() != target.resolve():
         return
     text = path.read_text(encoding="utf-8")
-    try:
-        own = text == dump_config(Config.model_validate(yaml.safe_load(text)))
-    except (ValidationError, yaml.YAMLError):
+    try:  # a file dtl wrote (this version or an older one) is YAML's own dump of itself: no comments, no flow style
+        own = text == yaml.safe_dump(yaml.safe_load(text), sort_keys=False)
+    except yaml.YAMLError:
         own = False
     if not own:
         raise ConfigError(f"--config {path} is where the run writes its resolved config "
@@ -617,8 +617,24 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def _momentum_in_effect(tree: dict) -> dict:
+    """`optim.momentum` as the optimizer uses it: configs written before it could be unset say 0.9
+    for every optimizer, though only SGD (0.9 when unset) and RMSprop (0 when unset) read it."""
+    optim = tree.get("optim")
+    if not isinstance(optim, dict) or "momentum" not in optim:
+        return tree
+    name, momentum = optim.get("name", "adamw"), optim["momentum"]
+    if name not in ("sgd", "rmsprop"):
+        momentum = None  # not read by this optimizer
+    elif momentum is None:
+        momentum = 0.9 if name == "sgd" else 0.0
+    return {**tree, "optim": {**optim, "momentum": momentum}}
+
+
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     """`key: old -> new` for every leaf that differs: what a resumed run does differently."""
+    if not prefix:
+        old, new = _momentum_in_effect(old), _momentum_in_effect(new)
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)

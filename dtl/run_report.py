@@ -90,7 +90,7 @@ def _dir(run) -> Path:
 def stage_change_steps(plan, steps_per_epoch: int, last_step: int) -> list[int]:
     """Optimizer steps at which a later stage began, up to `last_step`: a stage planned past the
     run's epochs never ran and gets no line."""
-    return [s.epoch * steps_per_epoch for s in plan.stages[1:] if s.epoch * steps_per_epoch <= last_step]
+    return [s.epoch * steps_per_epoch for s in plan.stages[1:] if s.epoch * steps_per_epoch < last_step]
 
 
 def plot_curves(epochs: list[dict], steps: list[dict], probe: Optional[dict], plan, steps_per_epoch: int,

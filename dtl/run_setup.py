@@ -155,8 +155,7 @@ def build_run(cfg: Config, observers: Sequence[Observer] = ()) -> Run:
                       error_log=str(out / f"bad_samples.rank{accelerator.process_index}.jsonl"),
                       retry_log=str(out / f"shard_retries.rank{accelerator.process_index}.jsonl"))
     _write_config(accelerator, cfg, out, resume_from)
-    if accelerator.is_main_process:
-        ckpt.settle_best(out, resume_from)  # best weights a killed process left pending
+    _settle_best(accelerator, state, out, resume_from)
     report = getattr(model, "dtl_weights_report", None)  # the bare model: prepare() comes later
     if report is not None and accelerator.is_main_process:  # written with config.yaml: after every check
         (out / "weights_report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -335,6 +334,21 @@ def _write_config(accelerator: Accelerator, cfg: Config, out: Path, resume_from:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(out / "config.yaml", dump_config(cfg))
+    accelerator.wait_for_everyone()
+
+
+def _settle_best(accelerator: Accelerator, state: ckpt.TrainState, out: Path, resume_from: Optional[Path]) -> None:
+    """best.safetensors as the state resumed from knows it (`checkpoints.settle_best`). Every rank
+    reads whether it is newer before the main process moves it, so all reset the selection alike."""
+    stale = resume_from is not None and ckpt.best_newer_than(out, state.step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        aside = ckpt.settle_best(out, state.step if resume_from is not None else None)
+        if aside is not None:
+            accelerator.print(f"dtl: {out / ckpt.BEST_FILE} was selected after {resume_from.name}, the checkpoint "
+                              f"resumed from: kept as {aside.name}; selection starts again from here")
+    if stale:
+        state.best_metric, state.best_epoch, state.best_source, state.stale_epochs = None, None, "model", 0
     accelerator.wait_for_everyone()
 
 

@@ -133,24 +133,20 @@ def load_rgb(img: Image.Image, draft_size: Optional[int] = None) -> Image.Image:
     img.load()
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode.startswith("I") or img.mode == "F":  # 16-bit (and 32-bit) grey: PIL's convert clips at 255
+    if img.mode.startswith("I"):  # 16-bit grey: PIL's own convert clips at 255
         img = _grey_to_8bit(img)
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
 def _grey_to_8bit(img: Image.Image) -> Image.Image:
-    """A 16-bit greyscale image (X-rays, microscopy, 16-bit PNG/TIFF) scaled to 8 bits, as its
-    viewer shows it, not clipped: 0..65535 -> 0..255. Values that already fit 8 bits (an 'I' or 'F'
-    image of 0..255), or a float image in 0..1, keep their scale."""
+    """A 16-bit greyscale image (X-rays, microscopy; 16-bit PNG, PGM, TIFF) scaled to 8 bits as its
+    viewer shows it, 0..65535 -> 0..255, not clipped. By mode, never by content, so a dark image
+    stays dark: 'I;16*' and 'I' (how PIL opens 16-bit PGM, and 16-bit PNG in some versions) are
+    16-bit. ('F', float, keeps PIL's own reading: values 0..255.)"""
     import numpy as np
 
-    a = np.asarray(img, dtype=np.float64)
-    top = float(a.max()) if a.size else 0.0
-    if img.mode.startswith("I;16") or top > 255:
-        a = a / 257.0
-    elif img.mode == "F" and top <= 1.0:
-        a = a * 255.0
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    a = np.asarray(img).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
 
 
 def balanced_repeats(class_counts: list[int], power: float) -> list[float]:
@@ -287,9 +283,9 @@ class ShardStream(IterableDataset):
                         for _ in samples:  # read to the archive's end, so the shard cache keeps the copy
                             pass
                     return
-        except FileNotFoundError:  # a local shard that is not there: nothing of it can be read
-            raise DataError(f"shard {url}: file not found (dataset.json lists it; moved or deleted?)") from None
         except Exception as e:  # tar or transport error: name the shard and where it broke
+            if isinstance(e, FileNotFoundError) and "://" not in url and not url.startswith("pipe:"):
+                raise DataError(f"shard {url}: file not found (moved or deleted?)") from None  # none of it readable
             lost = max(1, (stop or 0) - max(n, start))
             self._bad(url, key, f"unreadable shard after {n} samples ({type(e).__name__}: {e})", lost, max(n, start))
             return
@@ -436,9 +432,10 @@ class ShardStream(IterableDataset):
         while produced < target:  # skipped samples are replaced so every rank keeps its step count
             sample = next(fill, None)
             if sample is None:  # shards without counts, fewer than the slots, hold fewer than declared
-                raise DataError(f"split {self.source.name!r}: its shards hold fewer samples than the "
-                                f"{self.source.total} declared (data.samples.{self.source.name}); slot {slot} "
-                                f"got {produced} of its {target}")
+                skipped = f", after {self._errors} skipped as bad" if self._errors else ""
+                raise DataError(f"split {self.source.name!r}: its shards hold fewer good samples than the "
+                                f"{self.source.total} declared (data.samples.{self.source.name}){skipped}; "
+                                f"slot {slot} got {produced} of its {target}")
             item = self._decode(sample)
             if item is not None:
                 produced, filled = produced + 1, filled + 1

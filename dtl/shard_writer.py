@@ -298,9 +298,12 @@ def index_shards(out_dir: str | Path, split_patterns: dict[str, str], classes: l
         counts = [sum(c[i] for _, c in results) for i in range(len(classes))]
         add_split(index, split, shards, counts)
     seen = [sum(sp["class_counts"][i] for sp in index["splits"].values()) for i in range(len(classes))]
-    if not all(seen):  # a class no shard labels: a wrong --classes list, or --label-field
-        raise DataError(f"--classes: no sample of {[c for c, n in zip(classes, seen) if not n]} in any split "
-                        f"(per class {seen}); nothing written")
+    if not all(seen):  # a wrong --classes list or --label-field, or a test set without a rare class
+        import warnings
+
+        from dtl.user_errors import DtlWarning
+        warnings.warn(f"--classes: no sample of {[c for c, n in zip(classes, seen) if not n]} in any split "
+                      f"(per class {seen}); check --classes and --label-field", DtlWarning, stacklevel=2)
     out.mkdir(parents=True, exist_ok=True)  # remote or piped shards need no local folder of their own
     write_index(out, index)
     return index

@@ -91,26 +91,30 @@ def test_recovery_keeps_a_complete_checkpoint_that_was_being_replaced(tmp_path):
 
 def test_best_weights_follow_the_checkpoint_a_resume_continues_from(tmp_path):
     """best.safetensors changes only once a checkpoint records its epoch: weights selected after the
-    last checkpoint (killed before the next one) are dropped, those written before it are published."""
-    from dtl.checkpoints import BEST_FILE, BEST_PENDING, publish_best, settle_best
+    checkpoint resumed from (killed before the next one) are dropped, those at or before it published;
+    a best selected after an older checkpoint that resume=PATH picks is moved aside, not lost."""
+    from dtl.checkpoints import (BEST_FILE, BEST_PENDING, export_model, publish_best, read_export_meta,
+                                 settle_best)
 
-    ckpt = tmp_path / "checkpoints" / "ckpt-00000010"
-    ckpt.mkdir(parents=True)
-    (ckpt / STATE_FILE).write_text("{}")
-    t = (ckpt / STATE_FILE).stat().st_mtime_ns
-    for offset, published in ((-10**9, True), (10**9, False)):  # pending written before / after the checkpoint
-        (tmp_path / BEST_FILE).write_text("old")
-        (tmp_path / BEST_PENDING).write_text("new")
-        os.utime(tmp_path / BEST_PENDING, ns=(t + offset, t + offset))
-        settle_best(tmp_path, ckpt)
-        assert (tmp_path / BEST_FILE).read_text() == ("new" if published else "old")
-        assert not (tmp_path / BEST_PENDING).exists()
-    (tmp_path / BEST_PENDING).write_text("newer")
-    settle_best(tmp_path, None)  # no checkpoint to resume from: the run starts over and selects again
-    assert (tmp_path / BEST_FILE).read_text() == "old" and not (tmp_path / BEST_PENDING).exists()
-    (tmp_path / BEST_PENDING).write_text("newest")
+    def export(name: str, step: int) -> None:
+        export_model({"w": torch.full((2,), float(step))}, tmp_path / name,
+                     {"backbone": "x", "classes": ["a", "b"], "step": step})
+
+    def best_step() -> int:
+        return read_export_meta(tmp_path / BEST_FILE)["step"]
+
+    export(BEST_FILE, 5)
+    for pending, resume, published in ((10, 10, True), (12, 10, False), (3, None, False)):
+        export(BEST_PENDING, pending)
+        before = best_step()
+        assert settle_best(tmp_path, resume) is None
+        assert best_step() == (pending if published else before) and not (tmp_path / BEST_PENDING).exists()
+    assert best_step() == 10
+    aside = settle_best(tmp_path, 8)            # resume=PATH to step 8: the best of step 10 is not its state's
+    assert aside == tmp_path / "best.step10.safetensors" and aside.is_file() and not (tmp_path / BEST_FILE).exists()
+    export(BEST_PENDING, 20)
     publish_best(tmp_path)
-    assert (tmp_path / BEST_FILE).read_text() == "newest"
+    assert best_step() == 20
 
 
 @pytest.fixture(scope="module")

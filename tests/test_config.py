@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from conftest import tiny_config, write_config
 from dtl.run_config import ConfigError, load_config
@@ -77,6 +78,13 @@ def test_a_users_config_inside_output_dir_is_never_overwritten(tmp_path, shard_d
     assert mine.read_text() == text
     mine.write_text(dump_config(load_config(write_config(tmp_path / "c.yaml", cfg))))
     assert load_config(mine, ["epochs=5"]).epochs == 5
+    older = yaml.safe_load(mine.read_text())  # one written by an older dtl: a key fewer, momentum 0.9
+    del older["finetune"]["cache_views"]
+    older["optim"]["momentum"] = 0.9
+    mine.write_text(yaml.safe_dump(older, sort_keys=False))
+    assert load_config(mine).finetune.cache_views == 2
+    from dtl.run_config import changed_settings
+    assert not [c for c in changed_settings(mine.parent, load_config(mine)) if "momentum" in c]  # adamw never read it
     with pytest.raises(ConfigError, match=r"is a folder: pass the YAML file"):
         load_config(tmp_path / "run")
 

@@ -85,3 +85,19 @@ def test_the_cache_identity_follows_how_the_backbone_is_built(tmp_path, shard_di
             run.cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={key: value})})
             assert cache_identity(run) != before, key
             run.cfg = cfg
+
+
+def test_no_cache_where_the_frozen_backbone_is_not_a_fixed_function(tmp_path, shard_dir):
+    """Stochastic depth stays on in frozen blocks (train mode), so features differ every epoch: such a
+    run trains uncached; timm's pre-head dropout (`drop_rate`) is applied to the cached features."""
+    from dtl.feature_cache import _backbone_is_a_fixed_function
+    from dtl.run_setup import build_run
+    from contextlib import closing
+
+    for extra, exact in (({"model.drop_path_rate": 0.2}, False), ({"model.drop_rate": 0.2}, True),
+                         ({"finetune.bn_frozen": False}, False), ({}, True)):
+        run = build_run(Config.model_validate(tiny_config(tmp_path / str(len(extra)) / str(exact), shard_dir,
+                                                          **HEAD_ONLY, **extra)), ())
+        with closing(run.data):
+            assert _backbone_is_a_fixed_function(run) == exact, extra
+            assert (run.features is not None) == exact, extra

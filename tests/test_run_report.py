@@ -199,6 +199,7 @@ def test_curves_mark_only_the_stage_changes_the_run_reached(tmp_path, shard_dir)
     plan = FinetunePlan(c.finetune, layer_groups(create_classifier("test_efficientnet", 3, pretrained=False), "coarse"),
                         c.optim.lr)
     assert stage_change_steps(plan, 5, steps) == [10]             # the stage at epoch 4 never ran
+    assert stage_change_steps(plan, 5, 10) == []                  # nor, at step 10, the one at epoch 2 (steps 11-15)
     assert (tmp_path / "run" / "report" / "curves.png").stat().st_size > 20_000
 
 

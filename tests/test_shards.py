@@ -226,7 +226,7 @@ def test_a_missing_shard_file_is_named_as_missing(tmp_path, shard_dir):
     shutil.copytree(shard_dir, root)
     gone = sorted(root.glob("val-*.tar"))[0]
     gone.unlink()
-    with pytest.raises(DataError, match=rf"shard {gone}: file not found \(dataset.json lists it"):
+    with pytest.raises(DataError, match=rf"shard {gone}: file not found \(moved or deleted\?\)"):
         _ids(_stream(root, "val"))
 
 
@@ -234,7 +234,7 @@ def test_an_overstated_sample_count_is_named(shard_dir):
     """Shards without counts, fewer than the slots: the slot runs out before its share of the declared count."""
     one = sorted(shard_dir.glob("train-*.tar"))[0]
     stream = _stream(shard_dir, train=True, world=2, shards={"train": str(one)}, samples={"train": 100})
-    with pytest.raises(DataError, match=r"fewer samples than the 100 declared \(data.samples.train\)"):
+    with pytest.raises(DataError, match=r"fewer good samples than the 100 declared \(data.samples.train\)"):
         _ids(stream)
 
 
@@ -268,8 +268,8 @@ def test_index_command_for_foreign_shards(tmp_path):
     extra = subprocess.run([sys.executable, "-m", "dtl.cli", "shards", "index", str(tmp_path / "x"), "--split",
                             f"train={tmp_path}/f-00.tar", "--classes", ",".join([*CLASSES, "hexagon"]),
                             "--label-field", "txt"], capture_output=True, text=True)
-    assert extra.returncode == 2 and "no sample of ['hexagon'] in any split" in extra.stderr, extra.stderr
-    assert not (tmp_path / "x" / "dataset.json").exists()
+    assert extra.returncode == 0 and "warning: --classes: no sample of ['hexagon'] in any split" in extra.stderr, \
+        extra.stderr  # said, not refused: a test set may lack a rare class the model knows
     before = (tmp_path / "dataset.json").read_bytes()
     again = subprocess.run([sys.executable, "-m", "dtl.cli", "shards", "index", str(tmp_path), "--split",
                             "train=f-00.tar", "--classes", ",".join(CLASSES)], capture_output=True, text=True)
@@ -363,5 +363,5 @@ def test_16_bit_grey_images_are_scaled_to_8_bits_not_clipped():
     assert a16.shape == (24, 24, 3) and np.array_equal(a8, a16)
     clipped = np.asarray(Image.open(io.BytesIO(files["16"])).convert("L"))
     assert (clipped == 255).mean() > 0.9             # what a plain convert gives: nearly all white
-    as_float = Image.fromarray(grey8.astype(np.float32) / 255, "F")   # a float image in 0..1
-    assert np.abs(np.asarray(load_rgb(as_float))[..., 0].astype(int) - grey8).max() <= 1
+    dark = Image.fromarray(np.full((4, 4), 200, dtype=np.int32), "I")  # 'I': a 16-bit PGM, an older PIL's PNG
+    assert np.asarray(load_rgb(dark)).max() == 1                      # by mode, not content: dark stays dark
