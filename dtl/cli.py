@@ -159,6 +159,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     r = evaluate_export(args.weights, args.data, args.split, args.tta, args.out, args.batch_size, args.num_workers,
                         args.on_error, args.label_field)
+    if not r["main"]:  # under a launcher: one rank reports the metrics every rank computed together
+        return
     m = r["metrics"]
     print(f"{args.split}: acc {m['acc']:.4f}  macro-F1 {m['macro_f1']:.4f}  balanced acc {m['balanced_acc']:.4f}  "
           f"loss {m['loss']:.4f}  ({m['samples']} samples)")

@@ -40,22 +40,33 @@ class LaunchError(DtlError, RuntimeError):
 
 
 def expand_hostlist(spec: str) -> list[str]:
-    """Slurm's compressed node list -> host names: `gpu[01-03,7],cpu-a1` -> gpu01 gpu02 gpu03 gpu7 cpu-a1."""
-    hosts: list[str] = []
-    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", spec):
-        prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
-        if ranges is None:
-            hosts.append(prefix + suffix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not (lo.isdigit() and (hi or lo).isdigit()):
-                raise LaunchError(f"cannot read the node list {spec!r} (range {part!r})")
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{i:0{len(lo)}d}{suffix}")
-    if not hosts:
+    """Slurm's compressed node list -> host names: `gpu[01-03,7],cpu-a1` -> gpu01 gpu02 gpu03 gpu7 cpu-a1;
+    several ranges in one name multiply out: `rack[1-2]-n[01-02]` -> rack1-n01 rack1-n02 rack2-n01 rack2-n02."""
+    names, depth, start = [], 0, 0
+    for i, c in enumerate(spec + ","):  # split on the commas outside brackets
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            if spec[start:i]:
+                names.append(spec[start:i])
+            start = i + 1
+    hosts = [h for name in names for h in _expand_name(name, spec)]
+    if not hosts or depth:
         raise LaunchError(f"cannot read the node list {spec!r}")
     return hosts
+
+
+def _expand_name(name: str, spec: str) -> list[str]:
+    m = re.search(r"\[([^\]]*)\]", name)
+    if m is None:
+        return [name]
+    out: list[str] = []
+    for part in m.group(1).split(","):
+        lo, _, hi = part.partition("-")
+        if not (lo.isdigit() and (hi or lo).isdigit()):
+            raise LaunchError(f"cannot read the node list {spec!r} (range {part!r})")
+        for i in range(int(lo), int(hi or lo) + 1):
+            out += _expand_name(f"{name[:m.start()]}{i:0{len(lo)}d}{name[m.end():]}", spec)
+    return out
 
 
 def _int(value, where: str) -> int:

@@ -11,13 +11,12 @@ from contextlib import closing
 from pathlib import Path
 from typing import Optional
 
-from accelerate import Accelerator
 
 from dtl.checkpoints import load_exported
 from dtl.data_pipeline import Data, build_transform
 from dtl.dataset_index import DataError, read_index, resolve_classes, split_source
 from dtl.evaluation import evaluate
-from dtl.parallel_strategy import ParallelStrategy
+from dtl.parallel_strategy import ParallelStrategy, eval_accelerator
 from dtl.run_config import AugmentConfig
 from dtl.run_report import write_eval_markdown, write_test_report
 from dtl.shard_stream import ShardStream, StreamOptions
@@ -40,7 +39,7 @@ def evaluate_export(weights: str, root: str, split: str = "test", tta: str = "no
     classes = resolve_classes(root, None, index)
     if classes != meta["classes"]:
         raise DataError(f"{root}: classes {classes} differ from the model's {meta['classes']} ({weights})")
-    acc = Accelerator()
+    acc = eval_accelerator()
     source = split_source(root, split, index, {}, {})
     stream = ShardStream(source, build_transform(meta["preprocessing"], False, AugmentConfig()),
                          StreamOptions(classes=classes, on_error=on_error, label_field=label_field or meta.get("label_field", "cls")),
@@ -60,4 +59,5 @@ def evaluate_export(weights: str, root: str, split: str = "test", tta: str = "no
                   "confusion": result.confusion.tolist()}
         (out_dir / "eval.json").write_text(json.dumps(record, indent=1))
         write_eval_markdown(record, out_dir / "report")
-    return {"metrics": result.metrics, "confusion": result.confusion, "out": out_dir, "classes": classes}
+    return {"metrics": result.metrics, "confusion": result.confusion, "out": out_dir, "classes": classes,
+            "main": acc.is_main_process}

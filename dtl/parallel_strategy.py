@@ -47,6 +47,21 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def launched_world() -> int:
+    """Processes the launcher started (torchrun / accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def eval_accelerator() -> Accelerator:
+    """An Accelerator for evaluation alone (`dtl eval`): a gloo group of the launched processes on a
+    machine without GPU, as training forms (see `create_accelerator`), so each rank scores its share."""
+    world = launched_world()
+    accelerator = Accelerator(cpu=world > 1 and not torch.cuda.is_available())
+    if accelerator.num_processes != world:
+        raise DtlError(f"launched as {world} processes but accelerate formed a group of {accelerator.num_processes}")
+    return accelerator
+
+
 def create_accelerator(cfg: Config, project_dir: str, log_with: Optional[list] = None) -> Accelerator:
     """Accelerate as launched (single process, torchrun/accelerate launch DDP, FSDP).
 
@@ -54,7 +69,7 @@ def create_accelerator(cfg: Config, project_dir: str, log_with: Optional[list] =
     GPU as independent single-process runs (each one "main", each writing everything): a gloo
     group (MULTI_CPU) is what they need.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with or None,
                               gradient_accumulation_steps=cfg.optim.grad_accum_steps, project_dir=project_dir,
                               cpu=world > 1 and not torch.cuda.is_available(), fsdp_plugin=fsdp_plugin(cfg))

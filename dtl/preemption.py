@@ -35,7 +35,9 @@ class PreemptionHandler:
     def _handle(self, signum: int, frame) -> None:
         self.received = signum
         when = f"within {self.check_every} steps (where the ranks compare)" if self.check_every > 1 else "after this step"
-        print(f"dtl: received {signal.Signals(signum).name}; stopping {when}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # a launcher signals every rank: one line, one write
+            sys.stderr.write(f"dtl: received {signal.Signals(signum).name}; stopping {when}\n")
+            sys.stderr.flush()
 
     def should_stop(self, step: int | None = None) -> bool:
         """Whether every rank stops now. `step`: the optimizer step just taken (None: an epoch's end,

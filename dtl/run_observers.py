@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dtl.classification_metrics import format_confusion
-from dtl.run_config import Config
+from dtl.run_config import Config, ConfigError
 from dtl.run_events import Observer
+from dtl.user_errors import first_line
 
 
 def numeric(record: dict[str, Any]) -> dict[str, Any]:
@@ -123,9 +124,22 @@ class Console(Observer):
                   f"checkpoint written; the same command continues from it", flush=True)
 
 
+def eval_epoch(run) -> int:
+    """The epoch a validation belongs to, as the console counts: 0 for the probe's (before any
+    step), else the epoch being finished (the last one for a run's final validation)."""
+    return 0 if run.state.step == 0 else min(run.state.epoch + 1, run.cfg.epochs)
+
+
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run")
+
+
 def wandb_wanted(cfg: Config) -> bool:
-    """W&B is on unless the config or WANDB_MODE=disabled turns it off."""
-    return cfg.wandb.enabled and os.environ.get("WANDB_MODE", cfg.wandb.mode) != "disabled"
+    """W&B is on unless the config or WANDB_MODE=disabled turns it off (checked before any work)."""
+    mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
+    if cfg.wandb.enabled and mode not in WANDB_MODES:
+        raise ConfigError(f"WANDB_MODE={mode!r}: W&B knows {', '.join(WANDB_MODES[:3])} (unset it, or "
+                          f"set wandb.enabled=false)")
+    return cfg.wandb.enabled and mode != "disabled"
 
 
 def wandb_settings(cfg: Config, output_dir: Path, run_id: str) -> Optional[dict]:
@@ -195,7 +209,14 @@ class TrackerRows(Observer):
 
     def run_start(self, run) -> None:
         acc = run.accelerator
-        acc.init_trackers(run.cfg.wandb.project, init_kwargs=self.init_kwargs)
+        try:
+            acc.init_trackers(run.cfg.wandb.project, init_kwargs=self.init_kwargs)
+        except Exception as e:  # no login or no network for wandb.mode=online: one line, not wandb's traceback
+            if not type(e).__module__.startswith(("wandb", "pydantic")):
+                raise
+            mode = (self.init_kwargs.get("wandb") or {}).get("mode")
+            raise ConfigError(f"W&B did not start (mode {mode}): {first_line(e).rstrip('.')}; or run with "
+                              f"wandb.mode=offline and `wandb sync` later") from None
         config = run.cfg.model_dump(mode="json")
         for tracker in acc.trackers:  # hparams must be flat scalars for TensorBoard, W&B keeps the nesting
             tracker.store_init_configuration(flat_config(config) if tracker.name == "tensorboard" else config)
@@ -224,7 +245,7 @@ class TensorBoardFigures(Observer):
         if result.confusion is None:
             return
         writer = run.accelerator.get_tracker("tensorboard", unwrap=True)
-        title = f"{split} (epoch {run.state.epoch + 1})" if split.startswith("val") else split
+        title = f"{split} (epoch {eval_epoch(run)})" if split.startswith("val") else split
         writer.add_figure(f"{split}/confusion", confusion_figure(result.confusion, run.classes, title),
                           global_step=run.state.step, close=True)
         writer.flush()
@@ -283,7 +304,7 @@ class WandbTracker(Observer):
                     items["val/sample"] = wandb_media.sample_table(self.sample, run.data.val.source.urls, labels,
                                                                    run.classes)
             items["val/predictions"] = wandb_media.predictions_table(result, self.sample, run.classes,
-                                                                     run.state.epoch + 1)
+                                                                     eval_epoch(run))
         else:
             top = wandb_media.top_losses_table(result, run.classes, run.data.test.source.urls)
             if top is not None:

@@ -12,6 +12,7 @@ early, when the monitored metric has stopped improving); finally test, export, w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import closing
 from pathlib import Path
@@ -85,8 +86,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             wb.finish(exit_code=2)
         return print_error(e)
     except KeyboardInterrupt:  # Ctrl-C: no traceback; what the checkpoints hold is kept
-        print("dtl: interrupted; the latest checkpoint is kept and the same command continues from it",
-              file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # Ctrl-C reaches every rank: one line
+            print("dtl: interrupted; the latest checkpoint is kept and the same command continues from it",
+                  file=sys.stderr, flush=True)
         return 130
     return 0
 

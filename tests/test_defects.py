@@ -440,3 +440,19 @@ def test_lr_find_and_launch_refuse_bad_arguments_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dtl.cli", "launch", "--dry-run", "--", "--help"], capture_output=True,
                        text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-1500:]  # train.py's own help is not a bad argument
+
+
+def test_wandb_that_cannot_start_is_one_line(tmp_path, shard_dir):
+    """From a new-user check: WANDB_MODE=online without a login, and an unknown WANDB_MODE, ended in
+    wandb's and pydantic's tracebacks (exit 1)."""
+    import os
+
+    from conftest import tiny_config, write_config
+
+    cfg = write_config(tmp_path / "c.yaml", {**tiny_config(tmp_path, shard_dir, epochs=1), "wandb": {"enabled": True}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    for mode, said in (("bogus", "WANDB_MODE='bogus': W&B knows online, offline, disabled"),
+                       ("online", "W&B did not start (mode online): No API key configured")):
+        r = subprocess.run([sys.executable, "-m", "dtl.train", "--config", str(cfg)], capture_output=True, text=True,
+                           env={**env, "WANDB_MODE": mode, "HOME": str(tmp_path / "home")}, timeout=300)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (mode, r.stderr[-2000:])

@@ -1,6 +1,7 @@
 """launch/*.yaml read by accelerate's own config classes; `dtl launch` for a faked 2-node Slurm job."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -56,6 +57,8 @@ def test_launch_config_loads_and_validates_with_accelerate(path, monkeypatch):
 def test_hostlist_expansion():
     assert expand_hostlist("gpu[01-03,7],cpu-a1,n[8-10]x") == ["gpu01", "gpu02", "gpu03", "gpu7", "cpu-a1",
                                                              "n8x", "n9x", "n10x"]
+    assert expand_hostlist("rack[1-2]-node[01-02],login") == ["rack1-node01", "rack1-node02", "rack2-node01",
+                                                              "rack2-node02", "login"]
 
 
 def _dry_run(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -128,3 +131,10 @@ def test_two_node_launch_on_one_machine_forms_one_group(tmp_path, shard_dir):
     assert "2 process(es) on cpu" in logs[0] and "mixed precision bf16" in logs[0]
     summary = (tmp_path / "run" / "summary.json").read_text()
     assert '"test/samples": 15' in summary  # every test sample once across the two "nodes"
+    # `dtl eval` under a launcher: one gloo group, each rank its share, one report (it ran once per process)
+    ev = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(port + 1), "-m", "dtl.cli", "eval",
+                         str(tmp_path / "run" / "model.safetensors"), "--data", str(shard_dir), "--out",
+                         str(tmp_path / "ev"), "--num-workers", "0"], cwd=REPO, capture_output=True, text=True,
+                        env={**base, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert ev.returncode == 0 and ev.stdout.count("test: acc") == 1, ev.stdout[-2000:] + ev.stderr[-2000:]
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["samples"] == 15

@@ -209,3 +209,15 @@ def test_a_report_without_validation_says_the_test_is_the_final_weights(tmp_path
     report = (tmp_path / "run" / "report" / "report.md").read_text()
     assert summary["best_epoch"] is None and "epoch None" not in report
     assert "no validation split, so no selection: the test is the final weights' (model.safetensors)." in report
+
+
+def test_validation_tables_are_labelled_with_the_consoles_epoch():
+    """The probe's validation (before any step) is epoch 0, an epoch's the epoch it finishes, a run's
+    final one its last epoch: W&B's val/predictions once called the probe's epoch 1."""
+    from types import SimpleNamespace
+
+    from dtl.run_observers import eval_epoch
+
+    def at(step: int, epoch: int):
+        return SimpleNamespace(state=SimpleNamespace(step=step, epoch=epoch), cfg=SimpleNamespace(epochs=3))
+    assert [eval_epoch(at(0, 0)), eval_epoch(at(56, 0)), eval_epoch(at(112, 1)), eval_epoch(at(168, 3))] == [0, 1, 2, 3]

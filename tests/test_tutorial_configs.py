@@ -46,3 +46,26 @@ def test_tutorial_config_trains_every_stage(tmp_path, shard_dir, two_class_shard
     assert result.summary["steps"] == len(stages)
     assert 0 <= result.summary["test/acc"] <= 1 and result.summary["test/loss"] == result.summary["test/loss"]
     sys.modules.pop("mobilenetv3", None)
+
+
+def test_the_commands_in_the_configs_headers_parse():
+    """The `dtl shards ...` / `dtl compare ...` lines a tutorial's header tells users to run: their flags
+    exist and their config keys validate (they once had --val-fraction, and keys without --set)."""
+    import re
+    import shlex
+
+    from dtl.cli import build_parser
+    from dtl.run_config import load_config
+
+    repo = TUTORIALS.parent.parent
+    shown = re.compile(r"^#\s{2,}(dtl (shards|compare|lr-find|eval|predict|groups|config) .*?)(\s{2,}#.*)?$")
+    commands = [(path, m.group(1)) for path in sorted(repo.glob("configs/**/*.yaml"))
+                for m in map(shown.match, path.read_text().splitlines()) if m]
+    assert len(commands) >= 8
+    for path, command in commands:
+        try:
+            args = build_parser().parse_args(shlex.split(command)[1:])
+        except SystemExit:
+            pytest.fail(f"{path.name}: `{command}` does not parse")
+        if args.command == "compare":
+            load_config(repo / args.config, args.set or [])
