@@ -132,6 +132,25 @@ def check_ramp_bounds(ramp: Optional[ProgressiveResizeConfig], final: int) -> No
                           f"size {final} (data.img_size) it grows to")
 
 
+def _check_aux_sizes(model: torch.nn.Module, backbone: str, final: int, sizes: list[int]) -> None:
+    """The auxiliary classifier (model.aux_logits_weight) runs in training only, on a feature map
+    that must stay 5x5 after its pooling: at 224 px inception_v3's fails on the first batch."""
+    import copy
+
+    twin = copy.deepcopy(model).train()  # train mode moves BatchNorm statistics: never on the real model
+    p = next(twin.parameters())
+    with torch.no_grad():
+        for size in sorted(set(sizes)):
+            try:
+                twin(torch.zeros(2, 3, size, size, dtype=p.dtype, device=p.device))
+            except Exception as e:  # noqa: BLE001
+                first = (str(e).strip().splitlines() or [""])[0][:160]
+                key = "data.img_size" if size == final else "data.progressive_resize"
+                raise ConfigError(f"{key}: {backbone}'s auxiliary classifier (model.aux_logits_weight) fails on a "
+                                  f"{size}x{size} image ({type(e).__name__}: {first}); train at 299 px, or set "
+                                  f"model.aux_logits_weight=0") from None
+
+
 def check_training_sizes(model: torch.nn.Module, backbone: str, final: int,
                          ramp: Optional[ProgressiveResizeConfig], epochs: int,
                          head_module: Optional[str] = None) -> None:
@@ -142,8 +161,11 @@ def check_training_sizes(model: torch.nn.Module, backbone: str, final: int,
     if ramp is not None:
         check_ramp_bounds(ramp, final)
     fixed_grid = getattr(model, "patch_embed", None) is not None or hasattr(model, "image_size")  # timm's, torchvision's ViTs
-    if ramp is None and not head_module and not fixed_grid:
+    aux = bool(getattr(model, "aux_logits", False)) and getattr(model, "AuxLogits", None) is not None  # inception_v3
+    if ramp is None and not head_module and not fixed_grid and not aux:
         return  # any size goes through a CNN; the blank forward would only cost a large model's startup
+    if aux:
+        _check_aux_sizes(model, backbone, final, training_sizes(final, ramp, epochs) if ramp is not None else [final])
     sizes = training_sizes(final, ramp, epochs) if ramp is not None else [final]
     p = next(model.parameters())
     was_training = model.training

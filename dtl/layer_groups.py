@@ -129,7 +129,10 @@ def layer_groups(model: nn.Module, granularity: str = "coarse", regexes: Optiona
         parts = _by_matcher(body, coarse if granularity == "coarse" else fine)
     else:
         parts = _by_child(model, body)
-    groups = [LayerGroup(i, _group_name(p), p) for i, p in enumerate(q for q in parts if q)]
+    parts = [q for q in parts if q]
+    names = [_group_name(p) for p in parts]
+    names = [_distinct_name(p, n) if names.count(n) > 1 else n for p, n in zip(parts, names)]
+    groups = [LayerGroup(i, n, p) for i, (n, p) in enumerate(zip(names, parts))]
     groups.append(LayerGroup(len(groups), "head", head_params))
     return groups
 
@@ -154,6 +157,18 @@ def _group_name(params: list[str]) -> str:
     for p in params:
         by_top.setdefault(p.split(".")[0], []).append(p)
     return "+".join(_common_prefix(ps) or top for top, ps in by_top.items())
+
+
+def _distinct_name(params: list[str], name: str) -> str:
+    """A name shared by several groups (torchvision's DenseNet splits `features` four ways), made
+    distinct by the children it spans: `features.conv0..transition1`, `features.denseblock2+transition2`."""
+    depth = len(name.split("."))
+    children = list(dict.fromkeys(p.split(".")[depth] for p in params if len(p.split(".")) > depth + 1))
+    if not children:
+        return name
+    span = children[0] if len(children) == 1 else "+".join(children) if len(children) == 2 \
+        else f"{children[0]}..{children[-1]}"
+    return f"{name}.{span}"
 
 
 def describe_groups(model: nn.Module, groups: list[LayerGroup]) -> str:

@@ -32,14 +32,20 @@ class MetricsFile(Observer):
         self.path = Path(path)
 
     def run_start(self, run) -> None:
-        """Drop a record cut short by a kill or a full disk (the file's last line without its newline),
-        so the resumed run's records start on a line of their own and every line parses."""
+        """A resumed run redoes what came after its checkpoint: drop those records (steps past the
+        checkpoint's), and a record cut short by a kill or a full disk (a last line without its
+        newline), so the file holds one record per logged step and every line parses."""
         if not self.path.is_file():
             return
-        with open(self.path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+        data = self.path.read_bytes()
+        lines = data.splitlines(keepends=True)
+        if lines and not lines[-1].endswith(b"\n"):
+            lines.pop()
+        keep = [line for line in lines if json.loads(line).get("step", 0) <= run.state.step]
+        if len(keep) != len(data.splitlines()) or not data.endswith(b"\n"):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_bytes(b"".join(keep))
+            os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -276,6 +282,9 @@ class WandbTracker(Observer):
         from dtl import wandb_media
 
         (run.out / "wandb_run_id").write_text(run.state.wandb_run_id or "")
+        # the sample table goes with the run's first validation (the probe's, or epoch 1's): a run
+        # resumed from before it (stopped early in epoch 1) has yet to log it
+        self.sample_logged = run.resumed_from is not None and (run.state.epoch > 0 or run.state.probe_done)
         wb = self._wb(run)
         wb.define_metric("epoch")
         for pattern in ("train/loss", "train/acc", "train/img_per_s", "train/first_batch_s", "val/*", "val_ema/*",
@@ -299,7 +308,7 @@ class WandbTracker(Observer):
         if split == "val":
             if not self.sample and result.keys:
                 self.sample = wandb_media.sample_keys(result.keys, run.cfg.seed)
-                if run.resumed_from is None:
+                if not self.sample_logged:
                     labels = {k: int(y) for k, y in zip(result.keys, result.labels)}
                     items["val/sample"] = wandb_media.sample_table(self.sample, run.data.val.source.urls, labels,
                                                                    run.classes)

@@ -361,7 +361,10 @@ def test_splits_sizes_and_heads_that_cannot_work_are_refused_before_writing(tmp_
                                 f"{tmp_path / 'afile'} is a file, not a folder"),
                                ({"model.head_module": "blocks"}, ConfigError, "model.head_module=blocks (or data.img_size)"),
                                ({"model.backbone": "test_vit", "data.img_size": 40}, ConfigError,
-                                "data.img_size: test_vit fails on a blank 40x40 image")):
+                                "data.img_size: test_vit fails on a blank 40x40 image"),
+                               ({"model.backbone": "torchvision/inception_v3", "model.aux_logits_weight": 0.4,
+                                 "data.img_size": 224}, ConfigError,
+                                "inception_v3's auxiliary classifier (model.aux_logits_weight) fails on a 224x224")):
         with pytest.raises(error, match=re.escape(said)):
             train(Config.model_validate(tiny_config(tmp_path, shard_dir, **extra)))
         assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

@@ -186,3 +186,11 @@ def test_a_stage_asking_for_more_groups_than_the_model_has_is_refused_by_name():
         FinetunePlan(cfg, groups, 1e-3)
     assert FinetunePlan(FinetuneConfig(stages=[StageConfig(epoch=0, train=6)]), groups, 1e-3).stages[0].first_group == 0
     assert FinetunePlan(FinetuneConfig(), groups[:2], 1e-3).stages[1].first_group == 0  # the default plan adapts
+
+
+def test_group_names_are_distinct():
+    """torchvision's DenseNet once printed four groups named `features`: a plan's printout and its
+    lr/ charts could not tell them apart."""
+    names = [g.name for g in layer_groups(create_classifier("torchvision/densenet121", 3, pretrained=False))]
+    assert len(set(names)) == len(names)
+    assert names[:2] == ["features.conv0+norm0", "features.denseblock1+transition1"]

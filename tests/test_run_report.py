@@ -155,7 +155,8 @@ def test_tensorboard_scalars_and_confusion_figures(tmp_path, shard_dir):
 
 def test_a_resumed_report_drops_the_records_its_checkpoint_had_not_reached(tmp_path):
     """Killed after an epoch's record but before its checkpoint: the resumed process logs that epoch
-    again, so the history read back stops at the checkpoint's step (no curve doubling back)."""
+    again, so the history read back stops at the checkpoint's step (no curve doubling back), and
+    metrics.jsonl drops the records the resumed run redoes."""
     import json
     from types import SimpleNamespace
 
@@ -173,14 +174,15 @@ def test_a_resumed_report_drops_the_records_its_checkpoint_had_not_reached(tmp_p
     from dtl.run_observers import MetricsFile
 
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 10, "epoch": 2, "train/lo')
+    redone = {"step": 9, "epoch": 2, "train/loss_step": 0.7}  # after the checkpoint (step 8): logged again
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, redone]) + '{"step": 10, "epoch": 2, "train/lo')
     metrics, report, run = MetricsFile(path), RunReport(), SimpleNamespace(out=tmp_path, state=SimpleNamespace(step=8))
     for observer in (metrics, report):  # the order the run attaches them in
         observer.run_start(run)
     assert [r["epoch"] for r in report.epochs] == [1, 2]
     metrics.write({"step": 10, "epoch": 2, "train/loss_step": 0.5})
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(lines) == len(rows) + 1 and lines[-1]["train/loss_step"] == 0.5
+    assert lines[:-1] == rows and lines[-1]["train/loss_step"] == 0.5  # one record per step, each line whole
 
 
 def test_curves_mark_only_the_stage_changes_the_run_reached(tmp_path, shard_dir):

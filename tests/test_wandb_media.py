@@ -29,6 +29,18 @@ def _table(run_dir: Path, key: str) -> dict:
     return json.loads(latest.read_text())
 
 
+def test_a_run_stopped_before_its_first_validation_still_logs_the_sample_once(tmp_path, shard_dir, monkeypatch):
+    """Preempted in epoch 1 (no validation yet): the resumed process logs the sample table, once."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = tiny_config(tmp_path, shard_dir, epochs=2, stop_after_steps=3, **{"wandb.enabled": True, "wandb.project": "t"})
+    assert train(Config.model_validate(cfg)).stopped
+    cfg["stop_after_steps"] = None
+    train(Config.model_validate(cfg))
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    every = [a for r in runs for a in wandb_records.artifacts(next(r.glob("run-*.wandb")))]
+    assert len(runs) == 2 and len([a for a in every if "valsample" in a.name]) == 1
+
+
 def test_tables_charts_and_artifacts_in_the_offline_run(tmp_path, shard_dir, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = tiny_config(tmp_path, shard_dir, stop_after_steps=7, **{"wandb.enabled": True, "wandb.project": "t"})
