@@ -164,8 +164,6 @@ def check_training_sizes(model: torch.nn.Module, backbone: str, final: int,
     aux = bool(getattr(model, "aux_logits", False)) and getattr(model, "AuxLogits", None) is not None  # inception_v3
     if ramp is None and not head_module and not fixed_grid and not aux:
         return  # any size goes through a CNN; the blank forward would only cost a large model's startup
-    if aux:
-        _check_aux_sizes(model, backbone, final, training_sizes(final, ramp, epochs) if ramp is not None else [final])
     sizes = training_sizes(final, ramp, epochs) if ramp is not None else [final]
     p = next(model.parameters())
     was_training = model.training
@@ -188,6 +186,8 @@ def check_training_sizes(model: torch.nn.Module, backbone: str, final: int,
                                       f"they were built for)") from None
     finally:
         model.train(was_training)
+    if aux:  # after the network itself passed: then a failure is the auxiliary classifier's
+        _check_aux_sizes(model, backbone, final, sizes)
 
 
 @dataclass

@@ -132,6 +132,7 @@ def layer_groups(model: nn.Module, granularity: str = "coarse", regexes: Optiona
     parts = [q for q in parts if q]
     names = [_group_name(p) for p in parts]
     names = [_distinct_name(p, n) if names.count(n) > 1 else n for p, n in zip(parts, names)]
+    names = [f"{n}#{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
     groups = [LayerGroup(i, n, p) for i, (n, p) in enumerate(zip(names, parts))]
     groups.append(LayerGroup(len(groups), "head", head_params))
     return groups
@@ -157,6 +158,12 @@ def _group_name(params: list[str]) -> str:
     for p in params:
         by_top.setdefault(p.split(".")[0], []).append(p)
     return "+".join(_common_prefix(ps) or top for top, ps in by_top.items())
+
+
+def identity_names(groups: list[LayerGroup]) -> list[str]:
+    """The grouping as checkpoints record it: each group's plain name (before `_distinct_name`, so
+    checkpoints written before names were made distinct still resume), the last one `head`."""
+    return [_group_name(g.params) for g in groups[:-1]] + ["head"]
 
 
 def _distinct_name(params: list[str], name: str) -> str:

@@ -35,9 +35,9 @@ class PreemptionHandler:
     def _handle(self, signum: int, frame) -> None:
         self.received = signum
         when = f"within {self.check_every} steps (where the ranks compare)" if self.check_every > 1 else "after this step"
-        if os.environ.get("RANK", "0") == "0":  # a launcher signals every rank: one line, one write
-            sys.stderr.write(f"dtl: received {signal.Signals(signum).name}; stopping {when}\n")
-            sys.stderr.flush()
+        who = f"rank {os.environ['RANK']} " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        sys.stderr.write(f"dtl: {who}received {signal.Signals(signum).name}; stopping {when}\n")  # one write: ranks
+        sys.stderr.flush()                                                                       # do not interleave
 
     def should_stop(self, step: int | None = None) -> bool:
         """Whether every rank stops now. `step`: the optimizer step just taken (None: an epoch's end,

@@ -32,19 +32,31 @@ class MetricsFile(Observer):
         self.path = Path(path)
 
     def run_start(self, run) -> None:
-        """A resumed run redoes what came after its checkpoint: drop those records (steps past the
-        checkpoint's), and a record cut short by a kill or a full disk (a last line without its
-        newline), so the file holds one record per logged step and every line parses."""
-        if not self.path.is_file():
+        """One record per logged step. A run resumed from a checkpoint redoes what came after it:
+        its records past the checkpoint (by step, and at the checkpoint's own step by epoch) are
+        dropped, with a record cut short or garbled by a kill. A run that starts afresh in a folder
+        holding another run's records moves them aside (metrics.TIME.jsonl), never deletes them."""
+        if not self.path.is_file() or not self.path.stat().st_size:
+            return
+        if run.resumed_from is None:
+            os.replace(self.path, self.path.with_name(f"metrics.{int(time.time())}.jsonl"))
             return
         data = self.path.read_bytes()
-        lines = data.splitlines(keepends=True)
-        if lines and not lines[-1].endswith(b"\n"):
-            lines.pop()
-        keep = [line for line in lines if json.loads(line).get("step", 0) <= run.state.step]
-        if len(keep) != len(data.splitlines()) or not data.endswith(b"\n"):
+        state, keep = run.state, []
+        for line in data.splitlines(keepends=True):
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a torn or garbled line (a kill mid-write, NUL bytes after a crash)
+                continue
+            step = rec.get("step", 0) if isinstance(rec, dict) else None
+            if step is not None and (step < state.step or (step == state.step and rec.get("epoch", 0) <= state.epoch)):
+                keep.append(line if line.endswith(b"\n") else line + b"\n")
+        if b"".join(keep) != data:
             tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_bytes(b"".join(keep))
+            with open(tmp, "wb") as f:
+                f.write(b"".join(keep))
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -136,7 +148,7 @@ def eval_epoch(run) -> int:
     return 0 if run.state.step == 0 else min(run.state.epoch + 1, run.cfg.epochs)
 
 
-WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run")
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
 
 def wandb_wanted(cfg: Config) -> bool:

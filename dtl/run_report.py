@@ -43,8 +43,11 @@ class RunReport(Observer):
         """A resumed run's history so far: the records up to the checkpoint it resumed from (records
         written after it, e.g. an epoch's whose checkpoint a kill prevented, are redone and logged again)."""
         path = run.out / "metrics.jsonl"
-        for line in path.read_text().splitlines() if path.is_file() else []:
-            rec = json.loads(line)
+        for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line garbled by a crash (MetricsFile drops it first on a resume)
+                continue
             if rec.get("step", 0) > run.state.step:
                 continue
             if "train/acc" in rec:

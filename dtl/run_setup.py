@@ -30,7 +30,7 @@ from dtl.data_pipeline import (Data, build_data, check_training_sizes, class_wei
                                training_sizes)
 from dtl.dataset_index import DataError
 from dtl.finetune_plan import FinetunePlan, Stage
-from dtl.layer_groups import layer_groups
+from dtl.layer_groups import identity_names, layer_groups
 from dtl.optimization import build_optimizer, build_scheduler, training_loss
 from dtl.parallel_strategy import ParallelStrategy, create_accelerator, is_sharded
 from dtl.worker_server import start_worker_server
@@ -318,7 +318,7 @@ def _build_model(accelerator: Accelerator, cfg: Config) -> tuple[nn.Module, list
 def _train_state(cfg: Config, classes: list[str], plan: FinetunePlan, saved: Optional[ckpt.TrainState],
                  resume_from: Optional[Path]) -> ckpt.TrainState:
     """The saved state when resuming (after checking it is this model's), else a fresh one."""
-    identity = {"backbone": cfg.model.backbone, "classes": classes, "groups": [g.name for g in plan.groups]}
+    identity = {"backbone": cfg.model.backbone, "classes": classes, "groups": identity_names(plan.groups)}
     if saved is None:
         return ckpt.TrainState(identity=identity, wandb_run_id=uuid.uuid4().hex[:12])
     ckpt.check_identity(saved.identity, identity, str(resume_from))

@@ -86,7 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             wb.finish(exit_code=2)
         return print_error(e)
     except KeyboardInterrupt:  # Ctrl-C: no traceback; what the checkpoints hold is kept
-        if os.environ.get("RANK", "0") == "0":  # Ctrl-C reaches every rank: one line
+        if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":  # Ctrl-C reaches every rank
             print("dtl: interrupted; the latest checkpoint is kept and the same command continues from it",
                   file=sys.stderr, flush=True)
         return 130

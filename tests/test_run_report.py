@@ -174,15 +174,23 @@ def test_a_resumed_report_drops_the_records_its_checkpoint_had_not_reached(tmp_p
     from dtl.run_observers import MetricsFile
 
     path = tmp_path / "metrics.jsonl"
-    redone = {"step": 9, "epoch": 2, "train/loss_step": 0.7}  # after the checkpoint (step 8): logged again
-    path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, redone]) + '{"step": 10, "epoch": 2, "train/lo')
-    metrics, report, run = MetricsFile(path), RunReport(), SimpleNamespace(out=tmp_path, state=SimpleNamespace(step=8))
+    redone = [{"step": 8, "epoch": 3, "train/acc": 0.71},      # the next epoch's record at the checkpoint's step
+              {"step": 9, "epoch": 2, "train/loss_step": 0.7}]  # after the checkpoint (step 8): logged again
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, *redone]) + "\0\0\0\n"  # NULs after a crash
+                    + '{"step": 10, "epoch": 2, "train/lo')
+    run = SimpleNamespace(out=tmp_path, state=SimpleNamespace(step=8, epoch=2), resumed_from=tmp_path / "ckpt")
+    metrics, report = MetricsFile(path), RunReport()
     for observer in (metrics, report):  # the order the run attaches them in
         observer.run_start(run)
     assert [r["epoch"] for r in report.epochs] == [1, 2]
     metrics.write({"step": 10, "epoch": 2, "train/loss_step": 0.5})
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[:-1] == rows and lines[-1]["train/loss_step"] == 0.5  # one record per step, each line whole
+    # a run starting afresh (no checkpoint) in this folder: the earlier records are moved aside, not lost
+    before = path.read_text()
+    MetricsFile(path).run_start(SimpleNamespace(out=tmp_path, state=SimpleNamespace(step=0, epoch=0), resumed_from=None))
+    aside = list(tmp_path.glob("metrics.*.jsonl"))
+    assert not path.exists() and len(aside) == 1 and aside[0].read_text() == before
 
 
 def test_curves_mark_only_the_stage_changes_the_run_reached(tmp_path, shard_dir):

@@ -49,8 +49,9 @@ def test_tutorial_config_trains_every_stage(tmp_path, shard_dir, two_class_shard
 
 
 def test_the_commands_in_the_configs_headers_parse():
-    """The `dtl shards ...` / `dtl compare ...` lines a tutorial's header tells users to run: their flags
-    exist and their config keys validate (they once had --val-fraction, and keys without --set)."""
+    """The `dtl shards ...` / `dtl compare ...` / `accelerate launch dtl/train.py ...` lines a config's
+    header tells users to run: their flags exist and their config keys validate (they once had
+    --val-fraction, and keys without --set)."""
     import re
     import shlex
 
@@ -69,3 +70,10 @@ def test_the_commands_in_the_configs_headers_parse():
             pytest.fail(f"{path.name}: `{command}` does not parse")
         if args.command == "compare":
             load_config(repo / args.config, args.set or [])
+    launched = re.compile(r"^#\s{2,}accelerate launch .*dtl/train\.py (.*?)(\s{2,}#.*)?$")
+    trains = [(path, shlex.split(m.group(1))) for path in sorted(repo.glob("configs/**/*.yaml"))
+              for m in map(launched.match, path.read_text().splitlines()) if m and not m.group(1).endswith("\\")]
+    assert len(trains) >= 5
+    for path, args in trains:  # the overrides a header shows validate against its config
+        config = args[args.index("--config") + 1]
+        load_config(repo / config, [a for a in args if "=" in a and not a.startswith("-")])
