@@ -62,7 +62,7 @@ def _expand_name(name: str, spec: str) -> list[str]:
     out: list[str] = []
     for part in m.group(1).split(","):
         lo, _, hi = part.partition("-")
-        if not (lo.isdigit() and (hi or lo).isdigit()):
+        if not (lo.isdigit() and (hi or lo).isdigit()) or int(hi or lo) < int(lo):
             raise LaunchError(f"cannot read the node list {spec!r} (range {part!r})")
         for i in range(int(lo), int(hi or lo) + 1):
             out += _expand_name(f"{name[:m.start()]}{i:0{len(lo)}d}{name[m.end():]}", spec)

@@ -301,7 +301,25 @@ def build_data(cfg: Config, pre: dict, classes: list[str], rank: int, world_size
                 finishing(d.augment_on)(pre["mean"], pre["std"]), size, d.progressive_resize, train_transform)
     if rank == 0:
         warn_dropped_samples(data.train, d.batch_size, world_size)
+    _check_label_field(data.train, d)
     return data
+
+
+def _check_label_field(stream: ShardStream, d: DataConfig) -> None:
+    """Read the first sample of a local training shard before any work, so a wrong
+    `data.label_field` is one line at start, not after the model and the probe's features. Remote
+    shards are not fetched here (their first read comes a moment later anyway)."""
+    from dtl.shard_stream import iter_tar_samples, read_label
+
+    url = stream.source.urls[0] if stream.source.urls else ""
+    if d.on_error != "error" or not url or "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+        return
+    for sample in iter_tar_samples(url):
+        try:
+            read_label(sample, d.label_field, len(stream.opt.classes), stream.opt.classes)
+        except ValueError as e:
+            raise DataError(f"shard {url}, sample {sample.get('__key__')}: {e}") from None
+        return
 
 
 def finishing(augment_on: str) -> type:

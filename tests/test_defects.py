@@ -362,6 +362,8 @@ def test_splits_sizes_and_heads_that_cannot_work_are_refused_before_writing(tmp_
                                ({"model.head_module": "blocks"}, ConfigError, "model.head_module=blocks (or data.img_size)"),
                                ({"model.backbone": "test_vit", "data.img_size": 40}, ConfigError,
                                 "data.img_size: test_vit fails on a blank 40x40 image"),
+                               ({"data.label_field": "txt"}, DataError,
+                                "missing label field 'txt' (data.label_field='txt'"),
                                ({"model.backbone": "torchvision/inception_v3", "model.aux_logits_weight": 0.4,
                                  "data.img_size": 224}, ConfigError,
                                 "inception_v3's auxiliary classifier (model.aux_logits_weight) fails on a 224x224")):

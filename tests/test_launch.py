@@ -14,7 +14,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_multi_gpu_env
 
 from conftest import PROCESSES, REPO
-from dtl.cluster_launch import expand_hostlist
+from dtl.cluster_launch import LaunchError, expand_hostlist
 
 pytestmark = PROCESSES  # multi-process: one such test at a time (conftest)
 
@@ -59,6 +59,8 @@ def test_hostlist_expansion():
                                                              "n8x", "n9x", "n10x"]
     assert expand_hostlist("rack[1-2]-node[01-02],login") == ["rack1-node01", "rack1-node02", "rack2-node01",
                                                               "rack2-node02", "login"]
+    with pytest.raises(LaunchError, match=r"range '3-1'"):
+        expand_hostlist("a[3-1]")
 
 
 def _dry_run(env: dict, *args: str) -> subprocess.CompletedProcess:
