@@ -262,11 +262,15 @@ def _export_step(path: Path) -> Optional[int]:
         return None
 
 
+def _best_step(out: Path) -> Optional[int]:
+    best = out / BEST_FILE
+    return _export_step(best) if best.is_file() else None
+
+
 def best_newer_than(out: str | Path, step: int) -> bool:
     """Whether best.safetensors was selected after `step`: a run resumed (resume=PATH) from a
     checkpoint older than the one that recorded it."""
-    best = Path(out) / BEST_FILE
-    exported = _export_step(best) if best.is_file() else None
+    exported = _best_step(Path(out))
     return exported is not None and exported > step
 
 
@@ -284,11 +288,12 @@ def settle_best(out: str | Path, resume_step: Optional[int]) -> Optional[Path]:
             publish_best(out)
         else:
             pending.unlink()
-    if resume_step is not None and best_newer_than(out, resume_step):
-        aside = out / f"best.step{_export_step(out / BEST_FILE)}.safetensors"
-        os.replace(out / BEST_FILE, aside)
-        return aside
-    return None
+    exported = _best_step(out) if resume_step is not None else None
+    if exported is None or exported <= resume_step:
+        return None
+    aside = out / f"best.step{exported}.safetensors"
+    os.replace(out / BEST_FILE, aside)
+    return aside
 
 
 def read_export_meta(path: str | Path) -> dict:

@@ -208,7 +208,8 @@ def _add_data_commands(sub) -> None:
                                      "their samples per class and write dataset.json; a damaged shard is an error "
                                      "naming it.", formatter_class=fmt, epilog=EPILOG)
     q.add_argument("out", help="folder that will hold dataset.json (shard paths are relative to it)")
-    q.add_argument("--split", action="append", required=True, type=_split_spec, help="NAME=PATTERN, e.g. train='train-{0000..0009}.tar'")
+    q.add_argument("--split", action="append", required=True, type=_split_spec,
+                   help="NAME=PATTERN, e.g. train='train-{0000..0009}.tar'")
     q.add_argument("--classes", required=True, help="comma-separated class names, in label order")
     q.add_argument("--label-field", default="cls", help="cls, txt or json.FIELD")
 

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from dtl.dataset_index import DataError, has_split, read_index, resolve_classes, split_source
+from dtl.dataset_index import DataError, has_split, is_local, read_index, resolve_classes, split_source
 from dtl.run_config import AugmentConfig, Config, ConfigError, DataConfig, ProgressiveResizeConfig
 from dtl.shard_fetch import RetryPolicy, ShardCache
 from dtl.shard_stream import (ShardStream, StreamOptions, balanced_repeats, batches_per_epoch, close_loader,
@@ -29,7 +29,7 @@ def prepare_shards(cfg: DataConfig, seed: int) -> None:
     if cfg.prepare == "none" or read_index(cfg.root) is not None:
         return
     root = Path(cfg.root)
-    if "://" in cfg.root or cfg.root.startswith("pipe:"):
+    if not is_local(cfg.root):
         raise DataError(f"data.prepare={cfg.prepare} writes local folders; data.root={cfg.root} is a URL")
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise DataError(f"data.root={cfg.root} is not empty and holds no dataset.json: data.prepare="
@@ -157,7 +157,8 @@ def check_training_sizes(model: torch.nn.Module, backbone: str, final: int,
     """Refuse an input size the model cannot take, before anything is written: one blank image per
     training size, in eval mode. A backbone with a fixed input size (the patch grid of timm's and
     torchvision's ViTs), or a `model.head_module` that is not the classifier (the new head then
-    meets feature maps), would otherwise fail on the first batch, after the probe."""
+    meets feature maps), would otherwise fail on the first batch, after the probe; an auxiliary
+    classifier (inception_v3), which runs in training only, is then tried in train mode on a copy."""
     if ramp is not None:
         check_ramp_bounds(ramp, final)
     fixed_grid = getattr(model, "patch_embed", None) is not None or hasattr(model, "image_size")  # timm's, torchvision's ViTs
@@ -312,7 +313,7 @@ def _check_label_field(stream: ShardStream, d: DataConfig) -> None:
     from dtl.shard_stream import iter_tar_samples, read_label
 
     url = stream.source.urls[0] if stream.source.urls else ""
-    if d.on_error != "error" or not url or "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+    if d.on_error != "error" or not url or not is_local(url) or not os.path.isfile(url):
         return
     try:
         sample = next(iter(iter_tar_samples(url)))

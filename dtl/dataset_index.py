@@ -42,6 +42,11 @@ class SplitSource:
     class_counts: Optional[list[int]] = None
 
 
+def is_local(url: str) -> bool:
+    """A path on this machine, not a URL (`scheme://`) or a `pipe:` command."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
 def join_url(base: str, name: str) -> str:
     """`name` relative to `base` (a folder or URL prefix), unless it is absolute or a URL."""
     if "://" in name or name.startswith(("/", "pipe:")):
@@ -54,7 +59,7 @@ def expand_shards(spec: str, base: str = "") -> list[str]:
     urls: list[str] = []
     for item in braceexpand.braceexpand(spec):
         item = join_url(base, item) if base else item
-        if "://" not in item and not item.startswith("pipe:") and any(c in item for c in "*?["):
+        if is_local(item) and any(c in item for c in "*?["):
             matches = sorted(glob.glob(item))
             if not matches:
                 raise DataError(f"no shard matches {item!r}")
@@ -178,7 +183,7 @@ def resolve_classes(root: str, configured: Optional[list[str]], index: Optional[
     """Class names from the config or dataset.json; they must agree when both are given."""
     classes = configured or (index or {}).get("classes")
     if not classes:
-        if "://" not in root and not root.startswith("pipe:") and not os.path.isdir(root):
+        if is_local(root) and not os.path.isdir(root):
             raise DataError(f"{root}: no such folder (the data root: shards and their dataset.json; "
                             f"`dtl shards` writes them)")
         raise DataError(f"no class names: {index_path(root)} is missing and data.classes is not set")

@@ -58,7 +58,8 @@ class FrozenFeatureCache:
         self.views: dict[int, ViewCache] = {}
         self.val: Optional[list[dict]] = None
         self.exact = _backbone_is_a_fixed_function(run)
-        self.k = max(1, min(run.cfg.finetune.cache_views, self._head_only_epochs()))
+        self.leading = self._head_only_epochs()
+        self.k = max(1, min(run.cfg.finetune.cache_views, self.leading))
         from dtl.linear_probe import cache_identity
 
         rank = run.accelerator.process_index
@@ -75,12 +76,13 @@ class FrozenFeatureCache:
         return stage.first_group == len(self.run.plan.groups) - 1
 
     def applies(self, epoch: int) -> bool:
-        """Whether epoch `epoch` trains (and validates) on cached features: only while the backbone
-        still holds its starting weights (no earlier stage trained it) and its train-mode forward
-        equals the eval-mode one the cache computes (frozen BatchNorm in eval mode, no drop-path)."""
+        """Whether epoch `epoch` trains (and validates) on cached features: only in the leading
+        head-only epochs, while the backbone still holds its starting weights, and where its
+        train-mode forward is the eval-mode one the cache computes (`self.exact`). An epoch past the
+        last (a finished run's final validation) counts as the last."""
         run, cfg = self.run, self.run.cfg
         return (cfg.finetune.cache_frozen and self.exact and run.mixup is None and not run.strategy.sharded
-                and all(self._head_only(run.plan.stage_at(e)) for e in range(epoch + 1)))
+                and max(0, min(epoch, cfg.epochs - 1)) < self.leading)
 
     # -- storage ---------------------------------------------------------------------------
     def _view(self, v: int) -> ViewCache:

@@ -42,7 +42,8 @@ def evaluate_export(weights: str, root: str, split: str = "test", tta: str = "no
     acc = eval_accelerator()
     source = split_source(root, split, index, {}, {})
     stream = ShardStream(source, build_transform(meta["preprocessing"], False, AugmentConfig()),
-                         StreamOptions(classes=classes, on_error=on_error, label_field=label_field or meta.get("label_field", "cls")),
+                         StreamOptions(classes=classes, on_error=on_error,
+                                       label_field=label_field or meta.get("label_field", "cls")),
                          acc.process_index, acc.num_processes, num_workers)
     data = Data(classes, stream, None, stream, batch_size, batch_size, num_workers)
     model = acc.prepare_model(model, evaluation_mode=True)

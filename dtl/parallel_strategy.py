@@ -56,9 +56,14 @@ def eval_accelerator() -> Accelerator:
     """An Accelerator for evaluation alone (`dtl eval`): a gloo group of the launched processes on a
     machine without GPU, as training forms (see `create_accelerator`), so each rank scores its share."""
     world = launched_world()
-    accelerator = Accelerator(cpu=world > 1 and not torch.cuda.is_available())
+    return _connected(Accelerator(cpu=world > 1 and not torch.cuda.is_available()), world)
+
+
+def _connected(accelerator: Accelerator, world: int) -> Accelerator:
+    """The accelerator, if the launched processes formed one group (else each would run alone)."""
     if accelerator.num_processes != world:
-        raise DtlError(f"launched as {world} processes but accelerate formed a group of {accelerator.num_processes}")
+        raise DtlError(f"launched as {world} processes but accelerate formed a group of "
+                       f"{accelerator.num_processes}: the processes are not connected")
     return accelerator
 
 
@@ -73,10 +78,7 @@ def create_accelerator(cfg: Config, project_dir: str, log_with: Optional[list] =
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with or None,
                               gradient_accumulation_steps=cfg.optim.grad_accum_steps, project_dir=project_dir,
                               cpu=world > 1 and not torch.cuda.is_available(), fsdp_plugin=fsdp_plugin(cfg))
-    if accelerator.num_processes != world:
-        raise DtlError(f"launched as {world} processes but accelerate formed a group of "
-                       f"{accelerator.num_processes}: the processes are not connected")
-    return accelerator
+    return _connected(accelerator, world)
 
 
 class ParallelStrategy:

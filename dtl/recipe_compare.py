@@ -172,8 +172,8 @@ def compare(config: str, seeds: list[int], out: str, arms: Optional[list[str]] =
     for seed in seeds:  # a finished arm of other settings is someone's results: never replaced
         for arm in ARMS:
             if not arms or arm in arms:
-                _refuse_other_finished(arm_dir(out_root, arm, seed), arm_overrides(arm, seed, arm_dir(out_root, arm, seed),
-                                                                                  extra or [], full_lr), config)
+                folder = arm_dir(out_root, arm, seed)
+                _refuse_other_finished(folder, arm_overrides(arm, seed, folder, extra or [], full_lr), config)
     out_root.mkdir(parents=True, exist_ok=True)
     rows = [run_arm(config, arm, seed, out_root, extra or [], full_lr)
             for seed in seeds for arm in ARMS if not arms or arm in arms]

@@ -261,6 +261,7 @@ def completed_run(cfg: Config) -> None:
     if changed:
         raise FinishedRunError(f"{what} trained with other settings ({'; '.join(changed)}): nothing was run or "
                                f"changed; set another output_dir for a run with these settings")
-    more = "" if stopped_early else "Raise epochs= to train on, or s"
+    new_run = "set another output_dir for a new run"
+    way_on = new_run.capitalize() if stopped_early else f"Raise epochs= to train on, or {new_run}"
     raise FinishedRunError(f"{what}: nothing was run or changed; its results are in {out / 'summary.json'}. "
-                           f"{more or 'S'}et another output_dir for a new run")
+                           f"{way_on}")

@@ -22,6 +22,13 @@ def numeric(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def recorded_before(record: dict, state) -> bool:
+    """Whether a metrics record belongs to the state a run resumes from: written at an earlier
+    step, or at its step for an epoch it had reached (the next epoch's record at that step is redone)."""
+    step = record.get("step", 0)
+    return step < state.step or (step == state.step and record.get("epoch", 0) <= state.epoch)
+
+
 class MetricsFile(Observer):
     """One JSON object per logged step, per epoch and at the end, appended to `metrics.jsonl`,
     so a resumed run continues the file. `epoch` counts the epochs finished when the record was
@@ -48,8 +55,7 @@ class MetricsFile(Observer):
                 rec = json.loads(line)
             except ValueError:  # a torn or garbled line (a kill mid-write, NUL bytes after a crash)
                 continue
-            step = rec.get("step", 0) if isinstance(rec, dict) else None
-            if step is not None and (step < state.step or (step == state.step and rec.get("epoch", 0) <= state.epoch)):
+            if isinstance(rec, dict) and recorded_before(rec, state):
                 keep.append(line if line.endswith(b"\n") else line + b"\n")
         if b"".join(keep) != data:
             tmp = self.path.with_name(f".{self.path.name}.tmp")

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from dtl.run_events import Observer
+from dtl.run_observers import recorded_before
 
 FIG_DPI = 100
 
@@ -48,7 +49,7 @@ class RunReport(Observer):
                 rec = json.loads(line)
             except ValueError:  # a line garbled by a crash (MetricsFile drops it first on a resume)
                 continue
-            if rec.get("step", 0) > run.state.step:
+            if not recorded_before(rec, run.state):
                 continue
             if "train/acc" in rec:
                 self.epochs.append(rec)

@@ -122,7 +122,8 @@ class Run:
         self.state.scheduler = self.scheduler.state_dict()
         self.state.wall_time_s = self.wall_time()
         ema = self.ema.module.state_dict() if self.ema is not None else None
-        saved = ckpt.save_checkpoint(self.accelerator, self.out / "checkpoints", self.state, self.cfg.checkpoint.keep, ema)
+        saved = ckpt.save_checkpoint(self.accelerator, self.out / "checkpoints", self.state, self.cfg.checkpoint.keep,
+                                     ema)
         if self.accelerator.is_main_process:
             ckpt.publish_best(self.out)  # the checkpoint now records the best it holds
         self.accelerator.wait_for_everyone()

@@ -5,11 +5,11 @@ A remote shard (http(s)://, or a `pipe:` command such as `pipe:aws s3 cp s3://b/
 server that stalls, a stream that ends early. Here such a failure is retried with exponential
 backoff and jitter, up to `retries` times after the first attempt and `max_seconds` in all; the
 retry re-reads the shard and skips (without decoding) the samples already delivered, so the
-consumer sees every sample of the shard once, in order, as if nothing had happened. http(s) is read with urllib and a
-per-read timeout, so a server that hangs raises instead of hanging the job. A 4xx other than
-408/425/429 is not transient and fails at once. When the retries are spent, one line names the
-URL, the attempts and how far the shard got. Local files are never retried: a truncated local
-shard is damaged, not unlucky.
+consumer sees every sample of the shard once, in order, as if nothing had happened. http(s) is
+read with urllib and a per-read timeout, so a server that hangs raises instead of hanging the
+job. A 4xx other than 408/425/429 is not transient and fails at once. When the retries are spent,
+one line names the URL, the attempts and how far the shard got. Local files are never retried: a
+truncated local shard is damaged, not unlucky.
 
 Every retry is appended to `log` (one JSON line: url, attempt, error, samples delivered), which
 the run sums into `data/shard_retries` in metrics.jsonl.

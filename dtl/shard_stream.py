@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from dtl.dataset_index import (IMAGE_EXTENSIONS, DataError, SplitSource, expand_shards,  # noqa: F401 (re-exported)
+from dtl.dataset_index import (IMAGE_EXTENSIONS, DataError, SplitSource, expand_shards, is_local,  # noqa: F401
                                read_index, split_source)
 from dtl.shard_fetch import RetryPolicy, read_with_retries
 from dtl.tar_members import tar_members
@@ -284,7 +284,7 @@ class ShardStream(IterableDataset):
                             pass
                     return
         except Exception as e:  # tar or transport error: name the shard and where it broke
-            if isinstance(e, FileNotFoundError) and "://" not in url and not url.startswith("pipe:"):
+            if isinstance(e, FileNotFoundError) and is_local(url):
                 raise DataError(f"shard {url}: file not found (moved or deleted?)") from None  # none of it readable
             lost = max(1, (stop or 0) - max(n, start))
             self._bad(url, key, f"unreadable shard after {n} samples ({type(e).__name__}: {e})", lost, max(n, start))

@@ -18,7 +18,7 @@ from typing import Optional
 
 import webdataset as wds
 
-from dtl.dataset_index import (IMAGE_EXTENSIONS, INDEX_NAME, DataError, add_split,  # noqa: F401
+from dtl.dataset_index import (IMAGE_EXTENSIONS, INDEX_NAME, DataError, add_split, is_local,  # noqa: F401
                                new_index, write_index)
 
 
@@ -293,7 +293,7 @@ def index_shards(out_dir: str | Path, split_patterns: dict[str, str], classes: l
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             results = list(tqdm(pool.map(lambda u: _count_shard(u, classes, label_field), urls), total=len(urls),
                                 desc=f"indexing {split}", unit="shard", disable=len(urls) < 20))
-        shards = [{"name": url if "://" in url or url.startswith("pipe:") else os.path.relpath(url, out), "count": n}
+        shards = [{"name": os.path.relpath(url, out) if is_local(url) else url, "count": n}
                   for url, (n, _) in zip(urls, results)]
         counts = [sum(c[i] for _, c in results) for i in range(len(classes))]
         add_split(index, split, shards, counts)

@@ -69,8 +69,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Every config key, its default and meaning: dtl config. "
                                        "Exit codes: 0 done (or stopped with a checkpoint to continue from), "
-                                       "2 a problem with the input, named in one line; 130 interrupted by Ctrl-C (the same "
-                                       "command continues from the latest checkpoint); anything else is a bug.")
+                                       "2 a problem with the input, named in one line; 130 interrupted by Ctrl-C "
+                                       "(the same command continues from the latest checkpoint); anything else is "
+                                       "a bug.")
     p.add_argument("--config", "-c", help="YAML run config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 data.batch_size=64")
     return p.parse_args(argv)

@@ -167,7 +167,7 @@ def test_a_resumed_report_drops_the_records_its_checkpoint_had_not_reached(tmp_p
             {"step": 6, "epoch": 1, "train/loss_step": 0.8}, {"step": 8, "epoch": 2, "train/acc": 0.7}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = RunReport()
-    report.run_start(SimpleNamespace(out=tmp_path, state=SimpleNamespace(step=4)))  # resumed at epoch 1's end
+    report.run_start(SimpleNamespace(out=tmp_path, state=SimpleNamespace(step=4, epoch=1)))  # resumed at epoch 1's end
     assert [r["epoch"] for r in report.epochs] == [1] and [r["step"] for r in report.steps] == [2]
     assert report.probe["probe/epochs"] == 9
     # a record cut short by a kill or a full disk: metrics.jsonl drops it, and the resumed run writes on
